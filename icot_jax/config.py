@@ -1,0 +1,316 @@
+"""Run configuration: typed dataclasses, YAML files and ``key=value`` command-line overrides.
+
+A config file mirrors the dataclasses below section by section::
+
+    name: mult4x4_gpt2_small_icot
+    model: {hf: gpt2}
+    data: {train: data/4_by_4_mult/train.txt, valid: ../shared/data/reference/4_by_4_mult/valid.txt}
+    train: {epochs: 200, batch_size: 32, lr: 5.0e-5, remove_per_epoch: 8}
+
+Every key is checked: an unknown key is an error naming the file, the dotted key and the closest valid
+key. Overrides use the same dotted keys (``train.lr=1e-4``); values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which network to train and in which precision."""
+
+    hf: str | None = None
+    """HF hub name or local folder (config.json + safetensors). With ``from_scratch`` only its config is used."""
+    from_scratch: bool = False
+    """Random initialisation from the config alone (the reference's ``--reinitialize_weights``)."""
+    family: str = "gpt2"
+    """``model_type`` used when ``hf`` is empty and the model is built from ``overrides`` alone."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Fields set on the HF config before building (e.g. ``n_layer: 2`` for a tiny model)."""
+    dtype: str = "float32"
+    """Compute dtype: ``float32`` or ``bfloat16``."""
+    param_dtype: str = "float32"
+    """Parameter (and optimizer state) dtype; ``bfloat16`` here is the paper's pure-bf16 mode."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the examples come from and how they become fixed-shape arrays."""
+
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    tokenizer: str = "builtin"
+    """HF tokenizer name or folder, or ``builtin`` (digits/operators, word level)."""
+    join: str = "reference"
+    """``reference`` tokenizes the reference's full string; ``segments`` joins segments with EOS ids."""
+    max_length: int = 1024
+    """Longest encoded example accepted (see ``too_long``)."""
+    too_long: str = "error"
+    """Policy for longer examples: ``error`` or ``skip``."""
+    on_malformed: str = "error"
+    """Policy for malformed lines: ``error`` or ``skip``."""
+    buckets: list[int] = dataclasses.field(default_factory=list)
+    """Padded lengths; empty means one bucket at the longest example (one compilation)."""
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    generate_digits: int | None = None
+    """If set and ``train`` is missing, generate K×K multiplication data into the run directory."""
+    generate_train: int = 4000
+    generate_valid: int = 200
+    generate_seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation and the internalization curriculum (reference flag names in brackets)."""
+
+    mode: str = "icot"
+    """``icot`` (stepwise internalization), ``explicit`` (never remove), ``no_cot`` (remove all)."""
+    epochs: int = 1
+    batch_size: int = 32
+    accumulate_steps: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    remove_per_epoch: float = 8.0
+    """Δ: CoT tokens removed per epoch [remove_per_epoch]."""
+    removal_smoothing_lambda: float = 4.0
+    """λ of the offset distribution; ``.inf`` disables smoothing."""
+    removal_side: str = "left"
+    pretrain_epochs: int = 0
+    remove_start_from: int = 0
+    remove_all_when_remove_beyond: float = math.inf
+    reset_optimizer: bool = True
+    keep_position: bool = False
+    max_len_train: int | None = None
+    """Skip a batch whose post-removal length exceeds this [max_len_train]."""
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Validation and test evaluation."""
+
+    every_epochs: int = 1
+    every_steps: int | None = None
+    """Also evaluate every N steps (useful for short CPU runs); ``None`` = epochs only."""
+    batch_size: int = 32
+    max_new_tokens: int = 800
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpointing."""
+
+    every_steps: int = 1000
+    keep: int = 2
+    """How many of the most recent checkpoints to keep (the best one is kept in addition)."""
+
+
+@dataclasses.dataclass
+class Config:
+    """A complete training run."""
+
+    name: str = "run"
+    run_dir: str | None = None
+    """Output folder; default ``runs/<name>/<timestamp>``."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log_every_steps: int = 10
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Check ``value`` against a field annotation, converting ints to floats and '.inf' strings."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept what Python's float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}") from None
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: key '{key}' must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
+    if annotation is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, where: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            raise _unknown_key(dotted, list(fields), where)
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, where, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted, where)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str], where: str = "command line") -> dict:
+    """Return a copy of ``raw`` with ``a.b=value`` overrides applied (values parsed as YAML scalars)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where}: override '{item}' is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        cls, node = Config, raw
+        for depth, part in enumerate(parts):
+            fields = _fields(cls)
+            if part not in fields:
+                raise _unknown_key(".".join(parts[: depth + 1]), list(fields), where)
+            hint = typing.get_type_hints(cls)[part]
+            if depth == len(parts) - 1:
+                node[part] = yaml.safe_load(text) if text.strip() else None
+            elif dataclasses.is_dataclass(hint):
+                node = node.setdefault(part, {})
+                cls = hint
+            elif hint == dict[str, Any]:
+                node.setdefault(part, {})[".".join(parts[depth + 1:])] = yaml.safe_load(text)
+                break
+            else:
+                raise ConfigError(f"{where}: key '{part}' in '{key}' is not a section")
+    return raw
+
+
+def _deep_copy(raw: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def validate(config: Config, where: str = "config") -> Config:
+    """Check values that types alone cannot (choices, ranges); raise ``ConfigError`` naming the key."""
+    choices = {
+        "train.mode": (config.train.mode, ("icot", "explicit", "no_cot")),
+        "train.removal_side": (config.train.removal_side, ("left", "right")),
+        "data.join": (config.data.join, ("reference", "segments")),
+        "data.too_long": (config.data.too_long, ("error", "skip")),
+        "data.on_malformed": (config.data.on_malformed, ("error", "skip")),
+        "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
+        "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    positive = {
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "train.accumulate_steps": config.train.accumulate_steps,
+        "eval.batch_size": config.eval.batch_size,
+        "data.max_length": config.data.max_length,
+        "checkpoint.every_steps": config.checkpoint.every_steps,
+        "checkpoint.keep": config.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{where}: key '{key}' must be >= 1, got {value}")
+    if config.train.batch_size % config.train.accumulate_steps:
+        raise ConfigError(
+            f"{where}: train.batch_size ({config.train.batch_size}) must be divisible by "
+            f"train.accumulate_steps ({config.train.accumulate_steps})"
+        )
+    if config.train.remove_per_epoch <= 0:
+        raise ConfigError(f"{where}: key 'train.remove_per_epoch' must be > 0")
+    if config.train.removal_smoothing_lambda <= 0:
+        raise ConfigError(f"{where}: key 'train.removal_smoothing_lambda' must be > 0 (use .inf to disable)")
+    if not (config.model.hf or config.model.from_scratch):
+        raise ConfigError(f"{where}: set 'model.hf' (a checkpoint) or 'model.from_scratch: true'")
+    if not (config.data.train or config.data.generate_digits):
+        raise ConfigError(f"{where}: set 'data.train' (a file) or 'data.generate_digits' (built-in data)")
+    return config
+
+
+def from_dict(raw: dict, where: str = "config") -> Config:
+    """Build and validate a ``Config`` from a nested dict."""
+    return validate(_build(Config, raw, where), where)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    Errors name the file (or "command line") and the offending dotted key.
+    """
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{where}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: top level must be a mapping")
+        raw.setdefault("name", path.stem)
+        _build(Config, raw, where)  # report unknown keys of the file itself before overrides
+    raw = apply_overrides(raw, list(overrides))
+    return from_dict(raw, where if not overrides else f"{where} (with overrides)")
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain nested dicts (``inf`` kept as a float), e.g. to save as YAML."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable with ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
