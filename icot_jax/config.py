@@ -282,25 +282,47 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     return validate(_build(Config, raw, where), where)
 
 
+def _merge(base: dict, top: dict) -> dict:
+    merged = _deep_copy(base)
+    for key, value in top.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, resolving ``base: other.yaml`` (relative to the file) by deep merge."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
+    A file may start from another with ``base: other.yaml`` (path relative to the file); its keys are
+    merged section by section over the base's. ``name`` defaults to the file's stem.
     Errors name the file (or "command line") and the offending dotted key.
     """
     raw: dict = {}
     where = "defaults"
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{where}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: top level must be a mapping")
-        raw.setdefault("name", path.stem)
+        raw = _read_yaml(Path(path))
+        raw.setdefault("name", Path(path).stem)
         _build(Config, raw, where)  # report unknown keys of the file itself before overrides
     raw = apply_overrides(raw, list(overrides))
     return from_dict(raw, where if not overrides else f"{where} (with overrides)")
