@@ -122,6 +122,21 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    """Device mesh with axes (data, fsdp, tensor); one size may be -1 (filled from the device count)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    """Data-parallel replicas across slices (DCN); the ICI sizes above are per slice."""
+    remat: str = "none"
+    """Activation rematerialisation: ``none``, ``full`` (recompute each block) or ``dots`` (save matmuls)."""
+    scan_layers: bool = False
+    """Run the transformer blocks under ``nnx.scan`` (one compiled block; faster compiles for deep models)."""
+
+
+@dataclasses.dataclass
 class Config:
     """A complete training run."""
 
@@ -133,6 +148,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     log_every_steps: int = 10
 
 
@@ -245,6 +261,7 @@ def validate(config: Config, where: str = "config") -> Config:
         "data.on_malformed": (config.data.on_malformed, ("error", "skip")),
         "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
         "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
+        "mesh.remat": (config.mesh.remat, ("none", "full", "dots")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -1,0 +1,85 @@
+"""Command-line entry points of training: ``icot train``, ``icot demo``, ``icot export-hf``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo.yaml"
+"""The built-in default job: a CPU demo of internalization (``make demo``)."""
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``icot train CONFIG [key=value ...]`` or ``icot train --resume RUN_DIR``."""
+    from icot_jax.config import load_config
+    from icot_jax.train.loop import train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ValueError("--resume continues a run with its saved config.yaml: give no CONFIG or overrides")
+        summary = train(None, resume_dir=args.resume)
+    else:
+        summary = train(load_config(args.config or DEMO_CONFIG, args.overrides))
+    print(json.dumps(summary))
+    return 143 if summary["interrupted"] else 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Train the built-in demo and print explicit-CoT accuracy vs final no-CoT accuracy."""
+    from icot_jax.config import load_config
+    from icot_jax.train.logs import read_metrics
+    from icot_jax.train.loop import train
+
+    summary = train(load_config(DEMO_CONFIG, args.overrides))
+    evals = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "val_accuracy" in r]
+    train_records = {r["step"]: r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r}
+    explicit = [r for r in evals if not _removal_at(train_records, r["step"])]
+    print(f"\nrun directory: {summary['run_dir']}  (metrics.jsonl, curriculum.png, checkpoints/)")
+    if explicit:
+        print(f"explicit CoT (nothing removed yet), step {explicit[-1]['step']}: "
+              f"validation accuracy {explicit[-1]['val_accuracy']:.3f}, "
+              f"{explicit[-1]['val_mean_generated_tokens']:.1f} generated tokens per answer")
+    final = evals[-1]
+    state = "all CoT removed" if summary["final_remove_all"] else "CoT partially removed"
+    print(f"final ({state}), step {final['step']}: validation accuracy {final['val_accuracy']:.3f}, "
+          f"{final['val_mean_generated_tokens']:.1f} generated tokens per answer")
+    return 0
+
+
+def _removal_at(train_records: dict, step: int) -> int:
+    """Scheduled removal of the last logged training step at or before ``step``."""
+    before = [s for s in train_records if s <= step]
+    return train_records[max(before)]["scheduled_to_remove"] if before else 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``icot export-hf RUN_DIR OUT_DIR``: the run's best (or latest) weights as an HF folder."""
+    from icot_jax.models import hf
+    from icot_jax.train.loop import load_run_model
+
+    model, tokenizer, _ = load_run_model(args.run_dir, which=args.which)
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(str(Path(args.run_dir) / "model"))
+    hf.export_pretrained(model, hf_config, args.out, tokenizer=tokenizer)
+    print(f"exported {args.which} weights of {args.run_dir} to {args.out}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train``, ``demo`` and ``export-hf``."""
+    p = subparsers.add_parser("train", help="train a model with stepwise internalization",
+                              description="Train from a YAML config (default: the built-in CPU demo).")
+    p.add_argument("config", nargs="?", help="YAML config file (configs/...)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.set_defaults(run=run_train)
+    d = subparsers.add_parser("demo", help="CPU demo: a tiny model internalizes multiplication CoT")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides of the demo config")
+    d.set_defaults(run=run_demo)
+    e = subparsers.add_parser("export-hf", help="export a run's weights as a Hugging Face folder")
+    e.add_argument("run_dir")
+    e.add_argument("out")
+    e.add_argument("--which", choices=("best", "latest"), default="best")
+    e.set_defaults(run=run_export)

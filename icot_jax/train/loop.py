@@ -1,0 +1,357 @@
+"""`icot train`: epochs over the loader, the curriculum, evaluation, checkpoints, logs.
+
+The host decides everything about a batch (its rows, its removal counts, whether the optimizer resets,
+whether the batch is skipped for length) from pure functions of (seed, global batch index), so a run
+resumed from a checkpoint replays exactly what the uninterrupted run would have done. The device sees
+one compiled train step for the whole run.
+
+Resume bookkeeping lives in the checkpoint's JSON ``meta``: ``batch_index`` (next global batch to run),
+``prev_cot_left`` (the reset rule looks one batch back), and the best-score state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from icot_jax.checkpoint import RunCheckpoints
+from icot_jax.config import Config, load_config, save_config
+from icot_jax.data.formats import read_examples
+from icot_jax.data.loader import BatchLoader
+from icot_jax.data.tokenize import EncodedDataset, encode_examples, load_tokenizer, save_builtin_tokenizer
+from icot_jax.generate import DecodeSettings, GenerationEvaluator
+from icot_jax.removal import Curriculum, Schedule
+from icot_jax.train.logs import MetricsLog, plot_run
+from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, make_optimizer, split_model
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class RunData:
+    """Tokenizer and encoded splits of a run (``test`` may be None)."""
+
+    tokenizer: Any
+    train: EncodedDataset
+    valid: EncodedDataset | None
+    test: EncodedDataset | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup: data, model, state
+
+
+def _generate_data(config: Config, run_dir: Path) -> dict[str, str]:
+    """Built-in K×K multiplication data written under ``run_dir/data`` (CPU demos, tests)."""
+    from icot_jax.data.multiplication import write_dataset
+
+    d = config.data
+    out = run_dir / "data"
+    if not (out / "train.txt").exists():
+        write_dataset(out, [d.generate_digits], {"train": d.generate_train, "valid": d.generate_valid},
+                      seed=d.generate_seed, exclude_files=[p for p in (d.valid, d.test) if p])
+    return {"train": str(out / "train.txt"), "valid": d.valid or str(out / "valid.txt"), "test": d.test}
+
+
+def prepare_data(config: Config, run_dir: Path) -> RunData:
+    """Load the tokenizer (saved into ``run_dir/tokenizer``) and encode train/valid/test."""
+    d = config.data
+    tokenizer_dir = run_dir / "tokenizer"
+    if not tokenizer_dir.exists():
+        if d.tokenizer == "builtin":
+            save_builtin_tokenizer(tokenizer_dir)
+        else:
+            load_tokenizer(d.tokenizer).save_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    files = {"train": d.train, "valid": d.valid, "test": d.test}
+    if d.generate_digits and not d.train:
+        files = _generate_data(config, run_dir)
+    on_error = "raise" if d.on_malformed == "error" else "skip"
+
+    def encode(split: str, limit: int | None) -> EncodedDataset | None:
+        if not files[split]:
+            return None
+        examples = read_examples(files[split], on_error=on_error).examples[:limit]
+        return encode_examples(examples, tokenizer, mode=d.join, max_length=d.max_length,
+                               buckets=d.buckets or None, on_overlength=d.too_long, source=files[split])
+
+    return RunData(tokenizer, encode("train", d.max_train_examples), encode("valid", d.max_eval_examples),
+                   encode("test", d.max_eval_examples))
+
+
+def _hf_config(config: Config, tokenizer: Any):
+    """The transformers config of the model (from ``model.hf`` or ``model.family``, plus overrides)."""
+    import transformers
+
+    m = config.model
+    if m.hf:
+        hf_config = transformers.AutoConfig.from_pretrained(m.hf)
+    else:
+        hf_config = transformers.AutoConfig.for_model(m.family)
+    for key, value in m.overrides.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(f"model.overrides.{key}: {type(hf_config).__name__} has no field '{key}'")
+        setattr(hf_config, key, value)
+    if m.from_scratch:
+        hf_config.vocab_size = len(tokenizer)
+        hf_config.eos_token_id = tokenizer.eos_token_id
+        hf_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return hf_config
+
+
+def build_model(config: Config, tokenizer: Any, run_dir: Path):
+    """The model to train (random init or HF weights); its HF config is saved to ``run_dir/model``."""
+    from icot_jax.models import hf
+
+    m = config.model
+    if m.from_scratch:
+        hf_config = _hf_config(config, tokenizer)
+        model = hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=config.train.seed)
+    else:
+        model, hf_config = hf.load_pretrained(m.hf, dtype=m.dtype, param_dtype=m.param_dtype)
+    if hf_config.vocab_size < len(tokenizer):
+        raise ValueError(f"model.hf: vocabulary of {hf_config.vocab_size} < tokenizer's {len(tokenizer)} tokens")
+    hf_config.save_pretrained(str(run_dir / "model"))
+    return model, hf_config
+
+
+def load_run_model(run_dir: Path | str, which: str = "best"):
+    """``(model, tokenizer, config)`` of a training run, with the ``best`` or ``latest`` weights."""
+    import transformers
+    from flax import nnx
+
+    from icot_jax.models import hf
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    hf_config = transformers.AutoConfig.from_pretrained(str(run_dir / "model"))
+    m = config.model
+    abstract = nnx.eval_shape(lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=0))
+    graphdef, params, rest = split_model(abstract)
+    checkpoints = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+    if which == "best" and checkpoints.best.latest_step() is not None:
+        params, _ = checkpoints.restore_best(params)
+    else:
+        optimizer = make_optimizer(config.train.lr)
+        state_like = jax.eval_shape(lambda: init_train_state(params, rest, optimizer, seed=0))
+        params = checkpoints.restore(state_like)[0].params
+    checkpoints.close()
+    return nnx.merge(graphdef, params, rest), tokenizer, config
+
+
+def make_curriculum(config: Config, n_train: int) -> Curriculum:
+    """The run's curriculum from its config and training-set size."""
+    t = config.train
+    schedule = Schedule(num_examples=n_train, batch_size=t.batch_size, remove_per_epoch=t.remove_per_epoch,
+                        pretrain_epochs=t.pretrain_epochs, remove_start_from=t.remove_start_from,
+                        remove_all_when_remove_beyond=t.remove_all_when_remove_beyond)
+    return Curriculum(schedule=schedule, mode=t.mode, smoothing_lambda=t.removal_smoothing_lambda,
+                      reset_optimizer=t.reset_optimizer, seed=t.seed)
+
+
+def default_run_dir(config: Config) -> Path:
+    """``runs/<name>/<UTC timestamp>``."""
+    return Path("runs") / config.name / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int) -> dict:
+    """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts."""
+    loader = BatchLoader(data, batch_size, shuffle=False, process_index=0, process_count=1)
+    totals = np.zeros(3)
+    for batch in loader.iter_epoch(0):
+        out = step.evaluate(state, batch, n_remove_fn(batch_size))
+        totals += [float(out["loss_sum"]), float(out["n_correct"]), float(out["n_target_tokens"])]
+    loss = totals[0] / max(totals[2], 1)
+    return {"val_loss": float(loss), "val_token_accuracy": float(totals[1] / max(totals[2], 1)),
+            "val_ppl": math.exp(min(loss, 50))}
+
+
+def generation_metrics(evaluator, model, prefix: str) -> dict:
+    """Greedy-decoding exact match and speed of ``model`` (see ``icot_jax.generate``), keys prefixed."""
+    result = evaluator(model)
+    return {f"{prefix}_accuracy": result.accuracy, f"{prefix}_examples_per_s": result.examples_per_second,
+            f"{prefix}_mean_generated_tokens": result.mean_generated_tokens}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+    """Turns SIGTERM (TPU preemption notice) into a flag the loop checks between batches."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(metrics: dict, batch_index: int, checkpoints: RunCheckpoints) -> dict:
+    values = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(values["loss"]):
+        raise TrainingDiverged(f"loss is {values['loss']} at batch {batch_index}; stopped without saving. "
+                               f"Last good checkpoint: step {checkpoints.latest_step()}")
+    return values
+
+
+def train(config: Config, *, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Run (or resume) a training run; returns its summary (also written to ``run_dir/summary.json``).
+
+    With ``resume_dir``, the run's saved ``config.yaml`` is used and training continues from the newest
+    checkpoint exactly as if it had never stopped. SIGTERM saves a checkpoint and returns with
+    ``summary["interrupted"] = True``. A non-finite loss raises :class:`TrainingDiverged`.
+    """
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        config = load_config(run_dir / "config.yaml")
+    else:
+        run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise FileExistsError(f"{run_dir} already holds checkpoints: use `icot train --resume {run_dir}`")
+        config = dataclasses.replace(config, run_dir=str(run_dir))
+        if jax.process_index() == 0:
+            save_config(config, run_dir / "config.yaml")
+    t = config.train
+    data = prepare_data(config, run_dir)
+    model, _ = build_model(config, data.tokenizer, run_dir)
+    graphdef, params, rest = split_model(model)
+    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    step_fn = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
+                                                        keep_position=t.keep_position,
+                                                        accumulate_steps=t.accumulate_steps))
+    state = init_train_state(params, rest, optimizer, seed=t.seed)
+    del model, params  # the train step donates the state's buffers
+    curriculum = make_curriculum(config, len(data.train))
+    loader = BatchLoader(data.train, t.batch_size, seed=t.seed)
+    total = loader.steps_per_epoch * t.epochs
+    max_cot = int(data.train.cot_lengths.max())
+    checkpoints = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None}
+    if resume_dir is not None and checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(state)
+    log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if jax.process_index() == 0 else None
+    preemption = _Preemption()
+    bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or jax.process_index() != 0,
+               desc=config.name, dynamic_ncols=True)
+    summary = {"run_dir": str(run_dir), "interrupted": False}
+    # One evaluator per split: each compiles its decoder once for the whole run.
+    decode = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
+    evaluators = {name: GenerationEvaluator(data.tokenizer, split, batch_size=config.eval.batch_size,
+                                            settings=decode, join=config.data.join, progress=False)
+                  for name, split in (("val", data.valid), ("test", data.test)) if split is not None}
+
+    def log_record(record: dict) -> None:
+        if log is not None:
+            log.write(record)
+
+    def evaluate(batch_index: int, state: TrainState, schedule_state) -> dict:
+        """Validation at the end of batch ``batch_index - 1``: teacher forcing, generation, best logic."""
+        record: dict = {"step": batch_index, "epoch": schedule_state.epoch}
+        if data.valid is None:
+            return record
+        record.update(teacher_forced(step_fn, state, data.valid,
+                                     lambda b: curriculum.n_remove(batch_index - 1, b, smoothing=False),
+                                     config.eval.batch_size))
+        eval_model = nnx_merge(graphdef, state)
+        record.update(generation_metrics(evaluators["val"], eval_model, "val"))
+        # The reference resets the best score while training batches still carry CoT: every such
+        # evaluation becomes the new best; afterwards only a higher accuracy does.
+        best = meta["best_accuracy"]
+        if meta["prev_cot_left"] or best is None or record["val_accuracy"] > best:
+            meta.update(best_accuracy=record["val_accuracy"], best_step=batch_index)
+            record["is_best"] = True
+            checkpoints.save_best(batch_index, state.params, {"step": batch_index, **record})
+            if data.test is not None:
+                record.update(generation_metrics(evaluators["test"], eval_model, "test"))
+        return record
+
+    start = time.time()
+    last_plan = None
+    try:
+        while meta["batch_index"] < total:
+            batch_index = meta["batch_index"]
+            epoch, step_in_epoch = divmod(batch_index, loader.steps_per_epoch)
+            batch = loader.batch(epoch, step_in_epoch)
+            plan = curriculum.plan(batch_index, batch["seps"], batch["example_mask"],
+                                   prev_cot_left=meta["prev_cot_left"])
+            last_plan = plan
+            if plan.reset_optimizer:
+                state = step_fn.reset_optimizer(state)
+            skipped = t.max_len_train is not None and plan.batch_length > t.max_len_train
+            metrics = None
+            if not skipped:
+                state, metrics = step_fn(state, batch, plan.n_remove)
+            meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
+            end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
+            logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
+            if logged or end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0:
+                if metrics is not None:
+                    metrics = _check_finite(metrics, batch_index, checkpoints)
+            if logged:
+                scheduled = max_cot if plan.schedule.remove_all else int(plan.schedule.scheduled_to_remove)
+                log_record({"step": batch_index + 1, "epoch": epoch, "scheduled_to_remove": scheduled,
+                            "remove_all": plan.schedule.remove_all, "reset_optimizer": plan.reset_optimizer,
+                            **metrics, "elapsed_s": time.time() - start})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}",
+                                remove="all" if plan.schedule.remove_all else scheduled)
+            bar.update(1)
+            every = config.eval.every_steps
+            if (end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0) or (every and meta["batch_index"] % every == 0):
+                record = evaluate(meta["batch_index"], state, plan.schedule)
+                log_record(record)
+                summary["last_eval"] = record
+                if "val_accuracy" in record:
+                    bar.write(f"step {meta['batch_index']}: val_accuracy {record['val_accuracy']:.4f}")
+            if end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or preemption.requested:
+                checkpoints.save(meta["batch_index"], state, dict(meta))
+            if preemption.requested:
+                summary["interrupted"] = True
+                bar.write(f"SIGTERM: saved step {meta['batch_index']} to {run_dir}; resume with "
+                          f"`icot train --resume {run_dir}`")
+                break
+    finally:
+        preemption.restore()
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+        if log is not None:
+            log.close()
+    summary.update(steps=meta["batch_index"], best_accuracy=meta["best_accuracy"], best_step=meta["best_step"],
+                   train_step_compiles=step_fn.compiles, seconds=time.time() - start,
+                   final_remove_all=bool(last_plan and last_plan.schedule.remove_all))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if (run_dir / "metrics.jsonl").exists() and not summary["interrupted"]:
+            plot_run(run_dir / "metrics.jsonl", run_dir / "curriculum.png", title=config.name)
+    return summary
+
+
+def nnx_merge(graphdef, state: TrainState):
+    """The NNX model holding the current parameters of ``state`` (no copy)."""
+    from flax import nnx
+
+    return nnx.merge(graphdef, state.params, state.rest)
