@@ -345,7 +345,8 @@ def test_create_leaves_a_preempted_node_to_resume(fake):
 
 
 def test_setup_copies_the_checkout_and_installs_on_every_worker(fake, src):
-    result = fake.run("setup.sh", "--src", str(src), "--python", str(fake.python))
+    result = fake.run("setup.sh", "--src", str(src), "--python", str(fake.python),
+                      "--after-install", "mkdir -p data && echo 1 > data/train.txt")
     assert result.returncode == 0, result.stderr
     scp, ssh = fake.calls()
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
@@ -354,7 +355,8 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker(fake, src):
     for worker in fake.workers:
         project = worker / "icot-jax"
         assert sorted(p.name for p in project.iterdir() if p.name != ".venv") == [
-            ".gitignore", "configs", "pip.calls", "untracked.py"]
+            ".gitignore", "configs", "data", "pip.calls", "untracked.py"]
+        assert (project / "data" / "train.txt").read_text() == "1\n"
         assert (project / "pip.calls").read_text() == "install -q -e .[tpu]\n"
         assert not (worker / "icot-jax-src.tar.gz").exists()
     assert result.stdout.count("icot installed in") == N_WORKERS

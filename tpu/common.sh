@@ -28,6 +28,7 @@ ICOT_REF=${ICOT_REF:-main}
 ICOT_SRC=${ICOT_SRC:-$REPO_ROOT}
 ICOT_REMOTE_DIR=${ICOT_REMOTE_DIR:-icot-jax}
 ICOT_PYTHON=${ICOT_PYTHON:-python3}
+ICOT_AFTER_INSTALL=${ICOT_AFTER_INSTALL:-}
 ICOT_RUN_DIR=${ICOT_RUN_DIR:-}
 DRY_RUN=0
 NO_WAIT=0
@@ -140,6 +141,8 @@ install_flags() {  # flags for installing the project: setup.sh and resume.sh
   flag --ref ICOT_REF value "branch, tag or commit to check out with --repo"
   flag --src ICOT_SRC value "local git checkout to copy when no --repo is given" DIR
   flag --python ICOT_PYTHON value "python on the workers that creates the venv"
+  flag --after-install ICOT_AFTER_INSTALL value \
+    "shell command run next in the project directory of every worker, e.g. to fetch data" CMD
   remote_dir_flag
 }
 
@@ -332,8 +335,9 @@ install_on_workers() {  # copy or clone the project on every worker, then pip in
     "if [ ! -x .venv/bin/pip ]; then $py -m venv .venv || { sudo apt-get update -q && sudo apt-get
  install -y -q $(shell_quote "${ICOT_PYTHON##*/}-venv") && $py -m venv --clear .venv; }; fi"
     ".venv/bin/pip install -q -e '.[tpu]'"
-    ".venv/bin/icot --help > /dev/null"
-    "echo \"\$(hostname): icot installed in \$PWD\"")
+    ".venv/bin/icot --help > /dev/null")
+  [[ -z $ICOT_AFTER_INSTALL ]] || steps+=("( $ICOT_AFTER_INSTALL )")
+  steps+=("echo \"\$(hostname): icot installed in \$PWD\"")
   on_workers all "$(join_statements "${steps[@]}")"
 }
 
