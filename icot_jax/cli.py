@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def _user_errors_exit(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+def user_errors_exit(handler: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int | None]:
     """Bad input (a malformed line, an impossible request) ends the command with its message only."""
 
     @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> None:
+    def run(args: argparse.Namespace) -> int | None:
         try:
-            handler(args)
+            return handler(args)
         except (ValueError, OSError) as e:
             raise SystemExit(f"icot {args.command}: error: {e}") from e
 
@@ -38,7 +38,7 @@ def _split_file(text: str) -> tuple[str, str]:
     return split, path
 
 
-@_user_errors_exit
+@user_errors_exit
 def _run_multiplication(args: argparse.Namespace) -> None:
     from icot_jax.data import multiplication
 
@@ -50,7 +50,7 @@ def _run_multiplication(args: argparse.Namespace) -> None:
     print("CoT length in whitespace tokens: " + ", ".join(f"{k}x{k}: {n}" for k, n in sorted(lengths.items())))
 
 
-@_user_errors_exit
+@user_errors_exit
 def _run_gsm8k(args: argparse.Namespace) -> None:
     from icot_jax.data import formats
 
@@ -59,14 +59,14 @@ def _run_gsm8k(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {count} lines ({parsed.n_skipped} malformed records skipped)")
 
 
-@_user_errors_exit
+@user_errors_exit
 def _run_tokenizer(args: argparse.Namespace) -> None:
     from icot_jax.data import tokenize
 
     print(f"saved the built-in tokenizer to {tokenize.save_builtin_tokenizer(args.out)}")
 
 
-@_user_errors_exit
+@user_errors_exit
 def _run_tfds(args: argparse.Namespace) -> None:
     from icot_jax.data import tfds_builders
 
@@ -115,7 +115,14 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     tfds.set_defaults(run=_run_tfds)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_data_parser]
+def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """`icot train`, `icot demo`, `icot export-hf` (see `icot_jax.train.commands`)."""
+    from icot_jax.train import commands
+
+    commands.add_commands(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_data_parser, add_train_parsers]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

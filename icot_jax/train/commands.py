@@ -6,10 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from icot_jax.cli import user_errors_exit
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo.yaml"
 """The built-in default job: a CPU demo of internalization (``make demo``)."""
 
 
+@user_errors_exit
 def run_train(args: argparse.Namespace) -> int:
     """``icot train CONFIG [key=value ...]`` or ``icot train --resume RUN_DIR``."""
     from icot_jax.config import load_config
@@ -25,6 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 143 if summary["interrupted"] else 0
 
 
+@user_errors_exit
 def run_demo(args: argparse.Namespace) -> int:
     """Train the built-in demo and print explicit-CoT accuracy vs final no-CoT accuracy."""
     from icot_jax.config import load_config
@@ -53,6 +57,7 @@ def _removal_at(train_records: dict, step: int) -> int:
     return train_records[max(before)]["scheduled_to_remove"] if before else 0
 
 
+@user_errors_exit
 def run_export(args: argparse.Namespace) -> int:
     """``icot export-hf RUN_DIR OUT_DIR``: the run's best (or latest) weights as an HF folder."""
     from icot_jax.models import hf

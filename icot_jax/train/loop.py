@@ -63,7 +63,8 @@ def _generate_data(config: Config, run_dir: Path) -> dict[str, str]:
     if not (out / "train.txt").exists():
         write_dataset(out, [d.generate_digits], {"train": d.generate_train, "valid": d.generate_valid},
                       seed=d.generate_seed, exclude_files=[p for p in (d.valid, d.test) if p])
-    return {"train": str(out / "train.txt"), "valid": d.valid or str(out / "valid.txt"), "test": d.test}
+    generated_valid = str(out / "valid.txt") if d.generate_valid else None
+    return {"train": str(out / "train.txt"), "valid": d.valid or generated_valid, "test": d.test}
 
 
 def prepare_data(config: Config, run_dir: Path) -> RunData:
@@ -172,6 +173,15 @@ def default_run_dir(config: Config) -> Path:
 # Evaluation
 
 
+def is_new_best(best_accuracy: float | None, accuracy: float, *, cot_left: bool) -> bool:
+    """The reference's best-checkpoint rule.
+
+    While the last training batch still carried CoT, the best score is reset, so every evaluation is the
+    new best (the model is still changing task); once all CoT is gone, only a higher accuracy is.
+    """
+    return cot_left or best_accuracy is None or accuracy > best_accuracy
+
+
 def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int) -> dict:
     """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts."""
     loader = BatchLoader(data, batch_size, shuffle=False, process_index=0, process_count=1)
@@ -278,10 +288,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                                      config.eval.batch_size))
         eval_model = nnx_merge(graphdef, state)
         record.update(generation_metrics(evaluators["val"], eval_model, "val"))
-        # The reference resets the best score while training batches still carry CoT: every such
-        # evaluation becomes the new best; afterwards only a higher accuracy does.
-        best = meta["best_accuracy"]
-        if meta["prev_cot_left"] or best is None or record["val_accuracy"] > best:
+        if is_new_best(meta["best_accuracy"], record["val_accuracy"], cot_left=meta["prev_cot_left"]):
             meta.update(best_accuracy=record["val_accuracy"], best_step=batch_index)
             record["is_best"] = True
             checkpoints.save_best(batch_index, state.params, {"step": batch_index, **record})
@@ -322,7 +329,8 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             every = config.eval.every_steps
             if (end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0) or (every and meta["batch_index"] % every == 0):
                 record = evaluate(meta["batch_index"], state, plan.schedule)
-                log_record(record)
+                if "val_accuracy" in record:
+                    log_record(record)
                 summary["last_eval"] = record
                 if "val_accuracy" in record:
                     bar.write(f"step {meta['batch_index']}: val_accuracy {record['val_accuracy']:.4f}")

@@ -1,0 +1,175 @@
+"""The training loop end to end: resume after SIGKILL, SIGTERM, NaN stop, best logic, metrics, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icot_jax.config import ConfigError, load_config
+from icot_jax.train.commands import DEMO_CONFIG
+from icot_jax.train.loop import TrainingDiverged, is_new_best, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny from-scratch run: 2x2 multiplication, 6 epochs of 8 batches, a checkpoint every 4 batches.
+TINY = [
+    "model.overrides={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 32, n_inner: 64}",
+    "data.generate_digits=2", "data.generate_train=64", "data.generate_valid=0",
+    "data.max_length=32", "train.batch_size=8", "train.epochs=6", "train.pretrain_epochs=1",
+    "train.lr=1e-3", "train.remove_per_epoch=4", "checkpoint.every_steps=4", "checkpoint.keep=3",
+    "log_every_steps=1",
+]
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "icot_jax.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Poll until a complete (renamed, numeric) checkpoint folder exists; return its step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        folder = run_dir / "checkpoints"
+        steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+        if steps:
+            return min(steps)
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before its first checkpoint:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail("no checkpoint appeared")
+
+
+def _final_params(run_dir: Path) -> list[np.ndarray]:
+    from icot_jax.train.loop import load_run_model
+    from flax import nnx
+    import jax
+
+    model, _, _ = load_run_model(run_dir, which="latest")
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    proc = _cli("train", str(DEMO_CONFIG), *TINY, f"run_dir={run_dir}")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return run_dir
+
+
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _cli("train", str(DEMO_CONFIG), *TINY, f"run_dir={run_dir}")
+    _wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = _cli("train", "--resume", str(run_dir))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    full, again = _final_params(uninterrupted), _final_params(run_dir)
+    assert len(full) == len(again)
+    for a, b in zip(full, again):
+        np.testing.assert_array_equal(a, b)
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(set(steps)) == list(range(1, 49)), "metrics.jsonl must read as one run"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _cli("train", str(DEMO_CONFIG), *TINY, "train.epochs=200", f"run_dir={run_dir}")
+    first = _wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 143, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] and summary["steps"] >= first
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == summary["steps"], "the SIGTERM checkpoint is the step the run stopped at"
+
+
+def test_metrics_fields_and_outputs(uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        for key in ("step", "epoch", "scheduled_to_remove", "loss", "token_accuracy", "train_step_compiles"):
+            assert key in record, key
+    assert {r["train_step_compiles"] for r in records} == {1}
+    assert records[0]["scheduled_to_remove"] == 0 and records[-1]["scheduled_to_remove"] > 0
+    for name in ("config.yaml", "curriculum.png", "summary.json", "tokenizer", "model", "tensorboard"):
+        assert (uninterrupted / name).exists(), name
+
+
+def test_evaluation_logs_val_accuracy_and_best(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("data.generate_valid")]
+    config = load_config(DEMO_CONFIG, [*overrides, "data.generate_valid=16", "train.epochs=2",
+                                       "eval.max_new_tokens=16", f"run_dir={tmp_path / 'run'}"])
+    summary = train(config, progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "val_accuracy" in line]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["val_ppl"] > 1.0 for r in evals)
+    assert summary["best_step"] == 16  # the CoT is still being removed: every evaluation is best
+    assert (tmp_path / "run" / "best" / "16").exists()
+
+
+def test_best_rule_matches_reference():
+    assert is_new_best(None, 0.1, cot_left=False)
+    assert is_new_best(0.9, 0.1, cot_left=True)  # CoT still present: the score was reset
+    assert not is_new_best(0.9, 0.5, cot_left=False)
+    assert not is_new_best(0.9, 0.9, cot_left=False)  # strictly better only
+    assert is_new_best(0.9, 0.95, cot_left=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = load_config(DEMO_CONFIG, [*TINY, "train.lr=1e30", "train.max_grad_norm=1e30",
+                                       "checkpoint.every_steps=1", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(TrainingDiverged, match="Last good checkpoint"):
+        train(config, progress=False)
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert max(saved) <= max(r["step"] for r in records)
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {from_scratch: true}\ndata: {generate_digits: 2}\ntrain: {learning_rate: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.learning_rate'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch'; did you mean 'epochs'"):
+        load_config(DEMO_CONFIG, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"'train.removal_side' is 'middle'"):
+        load_config(DEMO_CONFIG, ["train.removal_side=middle"])
+    with pytest.raises(ConfigError, match=r"must be an integer"):
+        load_config(DEMO_CONFIG, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"divisible by train.accumulate_steps"):
+        load_config(DEMO_CONFIG, ["train.batch_size=30", "train.accumulate_steps=4"])
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
+
+
+def test_resume_refuses_a_config(tmp_path):
+    from icot_jax.cli import main
+
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", "--resume", str(tmp_path), str(DEMO_CONFIG)])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("[!_]*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.name == path.stem
+    if "paper" in path.parts:
+        assert config.model.hf and config.data.train
