@@ -153,9 +153,10 @@ class Fake:
         subprocess.run([self.python, "-m", "venv", project / ".venv"], check=True)
 
     def kill_jobs(self):
-        """Stop every fake job the test started (each leads its own process group)."""
-        pids = self.root / "icot.pids"
-        for pid in pids.read_text().split() if pids.exists() else []:
+        """Stop every fake job the test started (each leads its own process group): those the
+        launches recorded, and those that started too recently to have recorded themselves."""
+        files = [self.root / "icot.pids", *(w / "icot-jax" / "logs" / "icot.pid" for w in self.workers)]
+        for pid in {pid for f in files if f.exists() for pid in f.read_text().split()}:
             try:
                 os.killpg(int(pid), signal.SIGKILL)
             except ProcessLookupError:
@@ -292,7 +293,7 @@ def test_create_rejects_bad_settings_before_calling_gcloud(fake):
     for args, error in [
         (["--provisioning", "preemptible"], "unknown provisioning 'preemptible'"),
         (["--type", "v9z-8"], "no default runtime for accelerator type 'v9z-8'"),
-        (["--timeout", "1h"], "TPU_WAIT_TIMEOUT must be a whole number of seconds"),
+        (["--timeout", "1h"], "--timeout (TPU_WAIT_TIMEOUT) must be a whole number of seconds"),
     ]:
         result = fake.run("create.sh", "--dry-run", *args)
         assert result.returncode == 1 and error in result.stderr, (args, result.stderr)

@@ -106,17 +106,19 @@ no_positional() {
   ((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see $PROG --help)"
 }
 
-require() {  # VAR WHAT: fail with the flag and variable that set VAR when it is empty
+flag_of() {  # VAR: print the flag that sets VAR
   local name
-  [[ -n ${!1} ]] && return
   for name in "${!FLAG_VAR[@]}"; do
-    [[ ${FLAG_VAR[$name]} == "$1" ]] && die "missing $2: pass $name or set $1"
+    [[ ${FLAG_VAR[$name]} != "$1" ]] || { echo "$name"; return; }
   done
-  die "missing $2: set $1"
 }
 
-require_uint() {  # VAR: fail unless VAR is a non-negative integer
-  [[ ${!1} =~ ^[0-9]+$ ]] || die "$1 must be a whole number of seconds, got '${!1}'"
+require() {  # VAR WHAT: fail, naming the flag and the variable that set VAR, when VAR is empty
+  [[ -n ${!1} ]] || die "missing $2: pass $(flag_of "$1") or set $1"
+}
+
+require_uint() {  # VAR: fail unless VAR is a whole number of seconds
+  [[ ${!1} =~ ^[0-9]+$ ]] || die "$(flag_of "$1") ($1) must be a whole number of seconds, got '${!1}'"
 }
 
 flag --name TPU_NAME value "queued resource and node name"
@@ -177,7 +179,8 @@ run() {  # CMD...: run a command that changes something, or only print it under 
   fi
 }
 
-run_line() {  # LINE: like run, for a pipeline written as one shell-quoted line
+run_line() {  # LINE: like run, for a pipeline written as one shell-quoted line. It is evaluated
+  # from the very string --dry-run prints, so what is printed is what runs.
   if ((DRY_RUN)); then
     printf '%s\n' "$1"
   else
@@ -254,7 +257,8 @@ create_node() {
   run "${cmd[@]}"
 }
 
-delete_node() {  # delete the queued resource and its node; --quiet: callers confirm themselves
+delete_node() {  # delete the queued resource and its node. gcloud must not prompt (--quiet):
+  # teardown.sh asks first, and resume.sh only deletes what a preemption or failure left.
   run gcloud compute tpus queued-resources delete "$TPU_NAME" "${LOCATION[@]}" --force --quiet
 }
 
@@ -275,8 +279,7 @@ wait_for_state() {  # TARGET: poll until the queued resource is TARGET (ACTIVE o
           queued-resources describe "$TPU_NAME" "${LOCATION[@]}")" ;;
     esac
     ((SECONDS < deadline)) || die "gave up after ${TPU_WAIT_TIMEOUT}s waiting for $TPU_NAME to be" \
-      "$target (now $state); the request stays queued: wait again with the same command" \
-      "or delete it with tpu/teardown.sh"
+      "$target (now $state); run the same command again to keep waiting, or tpu/teardown.sh"
     sleep "$TPU_POLL_INTERVAL"
   done
 }
