@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from icot_jax.checkpoint import RunCheckpoints
@@ -32,6 +32,7 @@ from icot_jax.data.loader import BatchLoader
 from icot_jax.data.tokenize import EncodedDataset, encode_examples, load_tokenizer, save_builtin_tokenizer
 from icot_jax.generate import DecodeSettings, GenerationEvaluator
 from icot_jax.removal import Curriculum, Schedule
+from icot_jax.rundir import RunDir
 from icot_jax.train.logs import MetricsLog, plot_run
 from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, make_optimizer, split_model
 
@@ -136,14 +137,15 @@ def load_run_model(run_dir: Path | str, which: str = "best"):
 
     from icot_jax.models import hf
 
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    hf_config = transformers.AutoConfig.from_pretrained(str(run_dir / "model"))
+    run = RunDir(run_dir)
+    run.pull()
+    config = load_config(run.local / "config.yaml")
+    tokenizer = load_tokenizer(run.local / "tokenizer")
+    hf_config = transformers.AutoConfig.from_pretrained(str(run.local / "model"))
     m = config.model
     abstract = nnx.eval_shape(lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=0))
     graphdef, params, rest = split_model(abstract)
-    checkpoints = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+    checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
     if which == "best" and checkpoints.best.latest_step() is not None:
         params, _ = checkpoints.restore_best(params)
     else:
@@ -164,9 +166,37 @@ def make_curriculum(config: Config, n_train: int) -> Curriculum:
                       reset_optimizer=t.reset_optimizer, seed=t.seed)
 
 
-def default_run_dir(config: Config) -> Path:
+@dataclasses.dataclass
+class Trainer:
+    """What a run trains with: data, the compiled step, the initial state, curriculum and loader."""
+
+    data: RunData
+    graphdef: Any
+    step: TrainStep
+    state: TrainState
+    curriculum: Curriculum
+    loader: BatchLoader
+
+
+def build_trainer(config: Config, run_dir: Path) -> Trainer:
+    """Prepare data and model and build the train step and a fresh train state for ``config``."""
+    t = config.train
+    data = prepare_data(config, run_dir)
+    model, _ = build_model(config, data.tokenizer, run_dir)
+    graphdef, params, rest = split_model(model)
+    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
+                                                     keep_position=t.keep_position,
+                                                     accumulate_steps=t.accumulate_steps))
+    return Trainer(data=data, graphdef=graphdef, step=step,
+                   state=init_train_state(params, rest, optimizer, seed=t.seed),
+                   curriculum=make_curriculum(config, len(data.train)),
+                   loader=BatchLoader(data.train, t.batch_size, seed=t.seed))
+
+
+def default_run_dir(config: Config) -> str:
     """``runs/<name>/<UTC timestamp>``."""
-    return Path("runs") / config.name / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / config.name / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,39 +265,36 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     ``summary["interrupted"] = True``. A non-finite loss raises :class:`TrainingDiverged`.
     """
     if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        config = load_config(run_dir / "config.yaml")
+        run = RunDir(resume_dir)
+        run.pull()
+        config = load_config(run.local / "config.yaml")
     else:
-        run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise FileExistsError(f"{run_dir} already holds checkpoints: use `icot train --resume {run_dir}`")
-        config = dataclasses.replace(config, run_dir=str(run_dir))
+        run = RunDir(config.run_dir or default_run_dir(config))
+        saved = epath.Path(run.path("checkpoints"))
+        if saved.exists() and any(saved.iterdir()):
+            raise FileExistsError(f"{run.url} already holds checkpoints: use `icot train --resume {run.url}`")
+        run.local.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(config, run_dir=run.url)
         if jax.process_index() == 0:
-            save_config(config, run_dir / "config.yaml")
+            save_config(config, run.local / "config.yaml")
+    run_dir = run.local
+    writer = jax.process_index() == 0
     t = config.train
-    data = prepare_data(config, run_dir)
-    model, _ = build_model(config, data.tokenizer, run_dir)
-    graphdef, params, rest = split_model(model)
-    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-    step_fn = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
-                                                        keep_position=t.keep_position,
-                                                        accumulate_steps=t.accumulate_steps))
-    state = init_train_state(params, rest, optimizer, seed=t.seed)
-    del model, params  # the train step donates the state's buffers
-    curriculum = make_curriculum(config, len(data.train))
-    loader = BatchLoader(data.train, t.batch_size, seed=t.seed)
+    trainer = build_trainer(config, run_dir)
+    data, graphdef, step_fn, state = trainer.data, trainer.graphdef, trainer.step, trainer.state
+    curriculum, loader = trainer.curriculum, trainer.loader
+    del trainer  # the train step donates the state's buffers: keep no other reference
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
-    checkpoints = RunCheckpoints(run_dir, keep=config.checkpoint.keep)
+    checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
     meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None}
     if resume_dir is not None and checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(state)
-    log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if jax.process_index() == 0 else None
+    log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if writer else None
     preemption = _Preemption()
-    bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or jax.process_index() != 0,
+    bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or not writer,
                desc=config.name, dynamic_ncols=True)
-    summary = {"run_dir": str(run_dir), "interrupted": False}
+    summary = {"run_dir": run.url, "interrupted": False}
     # One evaluator per split: each compiles its decoder once for the whole run.
     decode = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
     evaluators = {name: GenerationEvaluator(data.tokenizer, split, batch_size=config.eval.batch_size,
@@ -284,7 +311,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
         if data.valid is None:
             return record
         record.update(teacher_forced(step_fn, state, data.valid,
-                                     lambda b: curriculum.n_remove(batch_index - 1, b, smoothing=False),
+                                     lambda b: curriculum.eval_n_remove(batch_index - 1, b),
                                      config.eval.batch_size))
         eval_model = nnx_merge(graphdef, state)
         record.update(generation_metrics(evaluators["val"], eval_model, "val"))
@@ -336,10 +363,12 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                     bar.write(f"step {meta['batch_index']}: val_accuracy {record['val_accuracy']:.4f}")
             if end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or preemption.requested:
                 checkpoints.save(meta["batch_index"], state, dict(meta))
+                if writer:
+                    run.push()  # metrics and other small files follow the checkpoints to the bucket
             if preemption.requested:
                 summary["interrupted"] = True
-                bar.write(f"SIGTERM: saved step {meta['batch_index']} to {run_dir}; resume with "
-                          f"`icot train --resume {run_dir}`")
+                bar.write(f"SIGTERM: saved step {meta['batch_index']} to {run.url}; resume with "
+                          f"`icot train --resume {run.url}`")
                 break
     finally:
         preemption.restore()
@@ -351,10 +380,11 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     summary.update(steps=meta["batch_index"], best_accuracy=meta["best_accuracy"], best_step=meta["best_step"],
                    train_step_compiles=step_fn.compiles, seconds=time.time() - start,
                    final_remove_all=bool(last_plan and last_plan.schedule.remove_all))
-    if jax.process_index() == 0:
+    if writer:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if (run_dir / "metrics.jsonl").exists() and not summary["interrupted"]:
             plot_run(run_dir / "metrics.jsonl", run_dir / "curriculum.png", title=config.name)
+        run.push()
     return summary
 
 

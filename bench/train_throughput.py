@@ -1,0 +1,98 @@
+"""Training throughput of the compiled train step over a full curriculum (BENCHMARKS.md `tiny-gpt2-4x4`).
+
+Runs one config's training loop (data, curriculum, optimizer resets; no evaluation, no checkpoints) for
+`--epochs` epochs and prints examples/s and non-pad tokens/s with compilation excluded, the compile time,
+the number of train-step compilations over the whole schedule, and the time per epoch.
+
+    python bench/train_throughput.py                                   # tiny-gpt2-4x4 on this machine
+    python bench/train_throughput.py --config configs/paper/mult_4x4_gpt2_small_icot.yaml --steps 50
+
+Compile time is the first step's wall time minus the median of the others (the first call traces,
+compiles and runs once). Tokens are the real tokens after removal, so a later schedule step processes
+fewer tokens per example than an early one: both are reported per step and in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from icot_jax.config import load_config
+from icot_jax.removal import post_removal_lengths
+from icot_jax.train.loop import build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_VALID = REPO.parent / "shared" / "data" / "reference" / "4_by_4_mult" / "valid.txt"
+
+
+def run(config_path: Path, overrides: list[str], steps: int | None) -> dict:
+    """Train for the config's epochs (or ``steps`` batches) and return the measured figures."""
+    if REFERENCE_VALID.exists() and "generate_digits: 4" in config_path.read_text():
+        overrides = [f"data.valid={REFERENCE_VALID}", *overrides]  # generated train data avoids its pairs
+    config = load_config(config_path, overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(config, Path(run_dir))
+        step, state, curriculum, loader = trainer.step, trainer.state, trainer.curriculum, trainer.loader
+        del trainer
+        total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
+        times, examples, tokens, resets = [], [], [], 0
+        prev_cot_left = True
+        for index in range(total):
+            epoch, in_epoch = divmod(index, loader.steps_per_epoch)
+            batch = loader.batch(epoch, in_epoch)
+            plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
+            prev_cot_left = plan.cot_left
+            start = time.perf_counter()
+            if plan.reset_optimizer:
+                state = step.reset_optimizer(state)
+                resets += 1
+            state, metrics = step(state, batch, plan.n_remove)
+            jax.block_until_ready(metrics["loss"])
+            times.append(time.perf_counter() - start)
+            real = batch["example_mask"]
+            examples.append(int(real.sum()))
+            tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
+    steady = np.array(times[1:])
+    median = statistics.median(steady)
+    return {
+        "config": config.name,
+        "device": str(jax.devices()[0].device_kind),
+        "steps": total,
+        "batch_size": config.train.batch_size,
+        "examples_per_s": sum(examples[1:]) / steady.sum(),
+        "tokens_per_s": sum(tokens[1:]) / steady.sum(),
+        "median_step_ms": 1000 * median,
+        "compile_s": times[0] - median,
+        "train_step_compiles": step.compiles,
+        "optimizer_resets": resets,
+        "epoch_s": median * loader.steps_per_epoch,
+        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
+        "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "bench" / "tiny_gpt2_4x4.yaml")
+    parser.add_argument("--steps", type=int, help="stop after this many batches (default: all epochs)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = parser.parse_args()
+    result = run(args.config, args.overrides, args.steps)
+    print(f"{result['config']} on {result['device']}: {result['steps']} steps of batch {result['batch_size']}")
+    print(f"  examples/s        {result['examples_per_s']:.1f}")
+    print(f"  tokens/s          {result['tokens_per_s']:.0f} (real tokens after removal)")
+    print(f"  median step       {result['median_step_ms']:.1f} ms; epoch {result['epoch_s']:.1f} s")
+    print(f"  compile           {result['compile_s']:.1f} s; train-step compilations: {result['train_step_compiles']}"
+          f" over {result['optimizer_resets']} optimizer resets")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Run directories on local disk or on Cloud Storage (``gs://bucket/...``).
+
+On a TPU pod the run directory must outlive the VMs (preemption re-creates them), so it is usually a
+``gs://`` URL. Orbax writes checkpoints there directly. Everything else a run writes (tokenizer and model
+config through Hugging Face's ``save_pretrained``, metrics, plots) is written by libraries that need a
+local path, so it goes to a local mirror that :meth:`RunDir.push` copies to the bucket; a resumed run
+first :meth:`RunDir.pull`\\ s it back. For a local run directory the mirror *is* the directory and both
+are no-ops. GCS access goes through ``etils.epath`` (install ``gcsfs``, part of the ``tpu`` extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+from etils import epath
+
+MIRRORED_SKIP = ("checkpoints", "best")
+"""Subfolders that orbax writes to the run directory itself and that are never mirrored."""
+
+
+def is_remote(path: str | Path) -> bool:
+    """True for URLs such as ``gs://bucket/run`` (anything with a ``scheme://``)."""
+    return "://" in str(path)
+
+
+class RunDir:
+    """A run directory: ``url`` (where it lives) and ``local`` (where libraries write; the same if local).
+
+    ``mirror_root`` forces a local mirror even for a local ``url`` (tests use it to exercise the
+    remote code path on disk).
+    """
+
+    def __init__(self, url: str | Path, *, mirror_root: str | Path | None = None):
+        self.url = str(url)
+        self._pushed: dict[Path, tuple[int, int]] = {}
+        if is_remote(url) or mirror_root is not None:
+            root = Path(mirror_root or Path(tempfile.gettempdir()) / "icot-run-mirrors")
+            digest = hashlib.sha1(self.url.encode()).hexdigest()[:12]
+            self.local = root / f"{Path(self.url.rstrip('/')).name}-{digest}"
+        else:
+            self.local = Path(url)
+
+    @property
+    def mirrored(self) -> bool:
+        """The local folder is a copy of the run directory, kept in step by ``push``/``pull``."""
+        return self.local != Path(self.url)
+
+    def path(self, name: str) -> str:
+        """``url/name`` as a string (for orbax, which accepts both local paths and URLs)."""
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def _files(self, root: epath.Path, relative: Path = Path()):
+        """``(relative path, file)`` under ``root``, checkpoint folders skipped (one listing per folder:
+        epath refuses recursive globs on GCS)."""
+        for entry in root.iterdir():
+            if entry.is_dir():
+                if relative != Path() or entry.name not in MIRRORED_SKIP:
+                    yield from self._files(entry, relative / entry.name)
+            else:
+                yield relative / entry.name, entry
+
+    def push(self) -> None:
+        """Copy local files created or changed since the last push to the run directory."""
+        if not self.mirrored:
+            return
+        remote = epath.Path(self.url)
+        for relative, file in self._files(epath.Path(self.local)):
+            stat = file.stat()
+            version = (stat.mtime, stat.length)
+            if self._pushed.get(relative) != version:
+                target = remote / str(relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(file.read_bytes())
+                self._pushed[relative] = version
+
+    def pull(self) -> None:
+        """Copy the run directory's files (checkpoint folders excluded) into the local mirror."""
+        if not self.mirrored:
+            return
+        remote = epath.Path(self.url)
+        if not remote.exists():
+            raise FileNotFoundError(f"{self.url}: run directory not found")
+        for relative, file in self._files(remote):
+            target = self.local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
