@@ -1,0 +1,299 @@
+"""Building blocks shared by every model family.
+
+Parameters carry logical axis names (``out_sharding`` metadata) so that ``icot_jax.parallel`` can map them
+onto a mesh; layers take a compute ``dtype`` and a ``param_dtype``; attention supports grouped-query heads,
+padding, causal and sliding-window masks, and a fixed-shape KV cache written at a traced index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+DTypeLike = Any  # a jnp dtype or its name ("float32", "bfloat16")
+
+# Logical axis names used by the models (``None`` = never sharded).
+LOGICAL_AXES = ("vocab", "embed", "positions", "mlp", "heads", "kv_heads", "head_dim", "norm")
+
+
+def param(init: Callable, key: jax.Array | None, shape: Sequence[int], axes: Sequence[str | None],
+          dtype: DTypeLike) -> nnx.Param:
+    """An ``nnx.Param`` initialised with ``init(key, shape, dtype)`` that carries logical axis names.
+
+    ``eager_sharding=False`` because the names are logical, not mesh axes: ``icot_jax.parallel`` maps them
+    (e.g. with ``nnx.logical_axis_rules`` and ``nnx.get_partition_spec``) and places the arrays itself.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match parameter shape {tuple(shape)}")
+    return nnx.Param(init(key, tuple(shape), jnp.dtype(dtype)), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal_init(std: float) -> Callable:
+    """Initialiser drawing from N(0, std²), as Hugging Face's ``_init_weights``."""
+    return jax.nn.initializers.normal(stddev=std)
+
+
+def zeros_init(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
+    """The logical axis names of every parameter, as ``PartitionSpec``s of names.
+
+    Same tree structure as ``nnx.state(model, nnx.Param)``; e.g. the token embedding gets
+    ``PartitionSpec('vocab', 'embed')``. ``icot_jax.parallel`` turns these into mesh specs.
+    """
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return jax.tree.map(lambda v: PartitionSpec(*v.get_metadata("out_sharding")), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class Dense(nnx.Module):
+    """``y = x · W + b`` contracting the last ``len(in_shape)`` axes of ``x`` with the first axes of ``W``.
+
+    Multi-axis kernels (e.g. ``[embed, heads, head_dim]``) keep heads as their own axis, so attention needs
+    no reshapes and the heads axis can be sharded.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str | None], *,
+                 std: float, use_bias: bool, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs,
+                 out_dtype: DTypeLike | None = None):
+        self.n_in = len(in_shape)
+        self.dtype = jnp.dtype(dtype)
+        self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
+        self.kernel = param(normal_init(std), rngs.params(), (*in_shape, *out_shape), axes, param_dtype)
+        self.bias = (param(zeros_init, None, out_shape, axes[self.n_in:], param_dtype) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in,
+                          preferred_element_type=self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.out_dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table ``[num, features]``; ``attend`` gives float32 logits (tied head)."""
+
+    def __init__(self, num: int, features: int, axes: tuple[str, str], *, std: float, dtype: DTypeLike,
+                 param_dtype: DTypeLike, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.embedding = param(normal_init(std), rngs.params(), (num, features), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("...e,ve->...v", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm (biased variance, as torch), computed in float32 and returned in the compute dtype."""
+
+    def __init__(self, features: int, *, eps: float, dtype: DTypeLike, param_dtype: DTypeLike):
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+        self.scale = param(ones_init, None, (features,), ("norm",), param_dtype)
+        self.bias = param(zeros_init, None, (features,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 (as Hugging Face's Llama/Mistral/Phi-3) and returned in the compute dtype."""
+
+    def __init__(self, features: int, *, eps: float, dtype: DTypeLike, param_dtype: DTypeLike):
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+        self.scale = param(ones_init, None, (features,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+_ACTIVATIONS = {
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation called ``name`` in a Hugging Face config (``activation_function`` / ``hidden_act``)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout as ``torch.nn.Dropout``; identity when ``key`` is None (evaluation) or ``rate`` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys, or ``n`` Nones when dropout is off."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+
+def causal_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Which keys each query may attend to: ``bool[B, T, S]``.
+
+    ``query_slots`` (int ``[T]``) are the sequence (or cache) slots of the queries and ``key_valid``
+    (bool ``[B, S]``) marks the slots holding real tokens. Causality and the sliding window are on slots,
+    as in Hugging Face (``kv_idx <= q_idx`` and ``q_idx - kv_idx < sliding_window``), not on position ids.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    allowed = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        allowed &= query_slots[:, None] - key_slots[None, :] < sliding_window
+    return allowed[None] & key_valid[:, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+              dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+    """``softmax(q·kᵀ·scale) · v`` with grouped-query heads; scores and softmax in float32.
+
+    Shapes: ``q [B, T, H, D]``, ``k, v [B, S, K, D]`` with ``H`` a multiple of ``K`` (query head ``h`` reads
+    key/value head ``h // (H // K)``, as Hugging Face's ``repeat_kv``), ``mask bool [B, T, S]``.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    # A large finite value rather than -inf: a query with no visible key (a padding row) then gets a
+    # uniform distribution instead of NaN.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) of one layer, each [B, S, K, D]
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     layer_cache: LayerCache | None, cache_index: jax.Array | None, **kwargs
+                     ) -> tuple[jax.Array, LayerCache]:
+    """Attention over the new keys/values, or over the cache after writing them at ``cache_index``.
+
+    Returns the attention output and the layer's (updated) keys and values.
+    """
+    if layer_cache is not None:
+        cached_k, cached_v = layer_cache
+        start = (0, cache_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
+        v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+    return attention(q, k, v, mask, **kwargs), (k, v)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Fixed-shape decoding cache (a pytree, so it can be a ``lax.while_loop`` carry).
+
+    Attributes:
+      keys, values: one ``[B, max_length, kv_heads, head_dim]`` array per layer.
+      valid: ``bool[B, max_length]``, True for slots holding a real (non-padding) token.
+      index: ``int32[]``, the next slot to write; every row shares it (prompts are left-padded).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+
+class CausalLM(nnx.Module):
+    """The call signature shared by every family, plus KV-cached decoding.
+
+    Subclasses define ``config`` (with ``num_layers``, ``num_kv_heads``, ``head_dim``, ``sliding_window``),
+    ``dtype``, ``blocks``, ``final_norm``, ``embed_inputs(input_ids, position_ids, dropout_key)`` and
+    ``unembed(x)``; a block is called as
+    ``block(x, position_ids, mask, layer_cache, cache_index, dropout_key) -> (x, layer_cache)``.
+    """
+
+    def __call__(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array, *,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits ``float32[B, L, V]`` for ``input_ids int[B, L]``.
+
+        ``position_ids int[B, L]`` are each token's position; ``attention_mask`` (bool/int ``[B, L]``) is
+        True for real tokens: padding keys are never attended to. ``dropout_key=None`` is deterministic.
+        """
+        mask = causal_mask(jnp.arange(input_ids.shape[1]), attention_mask.astype(bool),
+                           self.config.sliding_window)
+        logits, _ = self._forward(input_ids, position_ids, mask, None, None, dropout_key)
+        return logits
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike | None = None) -> KVCache:
+        """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens (prompt + generated)."""
+        config = self.config
+        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+        dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+        return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                       values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                       valid=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+    def decode(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run ``T`` new tokens per row against the cache; returns their logits and the updated cache.
+
+        The tokens are written at slots ``cache.index .. cache.index + T - 1`` (prefill: the whole
+        left-padded prompt, ``T = L``; decoding: ``T = 1``). ``attention_mask [B, T]`` marks which of them
+        are real; ``position_ids [B, T]`` are each row's own positions. The caller keeps
+        ``cache.index + T <= cache.max_length``.
+        """
+        length = input_ids.shape[1]
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, cache.index))
+        mask = causal_mask(cache.index + jnp.arange(length), valid, self.config.sliding_window)
+        layer_caches = list(zip(cache.keys, cache.values))
+        logits, new_caches = self._forward(input_ids, position_ids, mask, layer_caches, cache.index, None)
+        keys, values = zip(*new_caches)
+        return logits, KVCache(keys=keys, values=values, valid=valid, index=cache.index + length)
+
+    def _forward(self, input_ids, position_ids, mask, layer_caches, cache_index, dropout_key):
+        keys = split_key(dropout_key, len(self.blocks) + 1)
+        x = self.embed_inputs(input_ids, position_ids, keys[0])
+        layer_caches = layer_caches or [None] * len(self.blocks)
+        new_caches = []
+        for block, layer_cache, key in zip(self.blocks, layer_caches, keys[1:]):
+            x, layer_cache = block(x, position_ids, mask, layer_cache, cache_index, key)
+            new_caches.append(layer_cache)
+        return self.unembed(self.final_norm(x)), new_caches
+
