@@ -1,0 +1,362 @@
+"""Evaluating checkpoints: ``icot eval``, ``icot generate`` and ``icot tradeoff``.
+
+A checkpoint is a training run directory (``config.yaml``, orbax checkpoints; loaded with
+``icot_jax.train.loop.load_run_model``) or a Hugging Face folder (``config.json`` + safetensors + tokenizer,
+as written by ``icot export-hf``). The decoding itself lives in :mod:`icot_jax.generate`.
+
+Heavy modules (jax, transformers) are imported inside the functions: ``icot`` registers these commands
+on every invocation, and ``icot --help`` or ``icot data`` must not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from icot_jax.cli import user_errors_exit
+
+if TYPE_CHECKING:
+    from icot_jax.data.formats import Example
+    from icot_jax.data.tokenize import EncodedDataset
+    from icot_jax.generate import GenerationResult
+
+TRADEOFF_FIELDS = ("label", "checkpoint", "accuracy", "examples_per_second", "tokens_per_second",
+                   "mean_generated_tokens", "speedup_vs_slowest")
+
+# ------------------------------------------------------------------------------ multiplication notation
+
+_NORMAL_PRODUCT = re.compile(r"\s*(\d+)\s*\*\s*(\d+)\s*")
+_MODEL_PRODUCT = re.compile(r"\d( \d)* \* \d( \d)*")
+
+
+def to_model_notation(question: str) -> str:
+    """``'3719*3349'`` -> ``'9 1 7 3 * 9 4 3 3'`` (digits reversed and space-separated, as the models are
+    trained); any other text (already in model notation, or a GSM8K question) is returned stripped."""
+    match = _NORMAL_PRODUCT.fullmatch(question)
+    if match is None:
+        return question.strip()
+    return " * ".join(" ".join(reversed(number)) for number in match.groups())
+
+
+def reversed_digits_value(text: str) -> int | None:
+    """The number written as reversed, space-separated digits (``'1 3 9 4'`` -> 4931), else None."""
+    digits = text.split()
+    if not digits or not all(len(d) == 1 and d.isdigit() for d in digits):
+        return None
+    return int("".join(reversed(digits)))
+
+
+def multiplication_operands(model_input: str) -> tuple[int, int] | None:
+    """The two operands of a multiplication question in model notation, or None for other questions."""
+    if _MODEL_PRODUCT.fullmatch(model_input) is None:
+        return None
+    a, b = model_input.split(" * ")
+    return reversed_digits_value(a), reversed_digits_value(b)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A model ready to evaluate, with what is needed to build its prompts."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    join: str
+    """How sequences were tokenized in training (``reference`` or ``segments``): prompts must match."""
+    run_config: Any = None
+    """The run's ``Config`` for a run directory; None for a Hugging Face folder."""
+
+
+def load_checkpoint(path: str | Path, *, which: str = "best", dtype: str = "float32",
+                    join: str | None = None) -> Checkpoint:
+    """A run directory's ``best``/``latest`` weights, or a Hugging Face folder in ``dtype``.
+
+    ``join`` overrides the tokenization mode; by default a run uses its config's and an HF folder the
+    reference's (``reference``; with the built-in tokenizer both modes give the same ids).
+    """
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        from icot_jax.train.loop import load_run_model
+
+        model, tokenizer, config = load_run_model(path, which=which)
+        return Checkpoint(path, model, tokenizer, join or config.data.join, config)
+    if (path / "config.json").is_file():
+        from icot_jax.data.tokenize import load_tokenizer
+        from icot_jax.models.hf import load_pretrained
+
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ValueError(f"{path} has no tokenizer (tokenizer.json); export it with its tokenizer")
+        model, _ = load_pretrained(path, dtype=dtype, param_dtype=dtype)
+        return Checkpoint(path, model, load_tokenizer(path), join or "reference")
+    raise ValueError(f"{path} is neither a training run directory (config.yaml) nor a Hugging Face folder "
+                     "(config.json + safetensors)")
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def device_description() -> str:
+    """``'cpu: cpu (x1)'``-style name of the devices JAX computes on."""
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform}: {device.device_kind} (x{jax.device_count()})"
+
+
+def read_eval_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """The first ``limit`` (default: all) examples of a ``SRC||COT #### ANS`` file."""
+    from icot_jax.data.formats import read_examples
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    examples = read_examples(path).examples[:limit]
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def parse_n_remove(text: str) -> int:
+    """``K`` (CoT tokens removed from the left of every example) or ``all`` (``REMOVE_ALL``)."""
+    from icot_jax.removal import REMOVE_ALL
+
+    if text == "all":
+        return REMOVE_ALL
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of CoT tokens or 'all', got {text!r}")
+    return int(text)
+
+
+def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remove: int, batch_size: int) -> dict:
+    """Teacher-forced loss, token accuracy and perplexity with ``n_remove`` CoT tokens removed per example
+    (no smoothing offsets): the training loop's validation numbers at that point of the curriculum."""
+    import jax
+    import numpy as np
+    import optax
+
+    from icot_jax.removal import REMOVE_ALL
+    from icot_jax.train.loop import teacher_forced
+    from icot_jax.train.step import StepConfig, TrainState, TrainStep, split_model
+
+    train = checkpoint.run_config.train if checkpoint.run_config is not None else None
+    config = StepConfig(pad_id=data.pad_id, side=train.removal_side if train else "left",
+                        keep_position=train.keep_position if train else False)
+    graphdef, params, rest = split_model(checkpoint.model)
+    # Evaluation reads only params and rest: no optimizer state is built.
+    state = TrainState(step=np.zeros((), np.int32), params=params, rest=rest, opt_state=(),
+                       rng=jax.random.PRNGKey(0))
+    step = TrainStep(graphdef, optax.identity(), config)
+    metrics = teacher_forced(step, state, data, lambda rows: np.full(rows, n_remove, np.int32), batch_size)
+    return {"n_remove": "all" if n_remove >= REMOVE_ALL else n_remove,
+            **{key.replace("val_", "teacher_forced_"): value for key, value in metrics.items()}}
+
+
+def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int = 32,
+                        max_new_tokens: int = 800, n_remove: int | None = None, progress: bool = True
+                        ) -> tuple[GenerationResult, dict]:
+    """Generation accuracy and speed (and, with ``n_remove``, teacher-forced metrics) of a checkpoint.
+
+    Returns the full result (with per-example predictions) and the JSON-ready metrics of ``eval.json``.
+    """
+    from icot_jax.data.tokenize import encode_examples
+    from icot_jax.generate import DecodeSettings, GenerationEvaluator
+
+    data = encode_examples(examples, checkpoint.tokenizer, mode=checkpoint.join)
+    evaluator = GenerationEvaluator(checkpoint.tokenizer, data, batch_size=batch_size, progress=progress,
+                                    settings=DecodeSettings(max_new_tokens=max_new_tokens))
+    result = evaluator(checkpoint.model)
+    metrics = {"checkpoint": str(checkpoint.path), "device": device_description(), **result.metrics()}
+    if n_remove is not None:
+        metrics.update(teacher_forced_metrics(checkpoint, data, n_remove, batch_size))
+    return result, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What ``icot generate`` prints."""
+
+    model_input: str
+    generated_text: str
+    cot: str
+    """Text the model emitted before ``####`` (empty once the CoT is internalized)."""
+    answer: str | None
+    """The extracted answer (``'#### ...'``), None when the model produced no ``####``."""
+
+
+def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int = 800) -> Answer:
+    """Greedy-decode one question (multiplication in normal or model notation, or raw text)."""
+    from flax import nnx
+
+    from icot_jax.data.formats import ANSWER_MARKER, Example
+    from icot_jax.data.tokenize import encode_examples
+    from icot_jax.generate import DecodeSettings, Decoder, extract_answer, left_pad_prompts
+
+    model_input = to_model_notation(question)
+    tokenizer = checkpoint.tokenizer
+    prompt = encode_examples([Example(model_input, "", ANSWER_MARKER)], tokenizer, mode=checkpoint.join)
+    graphdef, state = nnx.split(checkpoint.model)
+    decoder = Decoder(graphdef, eos_id=tokenizer.eos_token_id, settings=DecodeSettings(max_new_tokens=max_new_tokens))
+    decoded = decoder(state, *left_pad_prompts(prompt))
+    text = tokenizer.decode(decoded.tokens[0, : decoded.n_generated[0]], skip_special_tokens=True)
+    return Answer(model_input, text, text.partition(ANSWER_MARKER)[0].strip(), extract_answer(text))
+
+
+def format_answer(answer: Answer) -> str:
+    """Human-readable lines for ``icot generate``; multiplication answers are also given in normal notation."""
+    lines = [f"model input: {answer.model_input}", f"generated: {answer.generated_text or '(only EOS)'}"]
+    if answer.answer is None:
+        return "\n".join([*lines, "answer: none (no '####' in the generated text)"])
+    lines.append(f"CoT: {answer.cot or '(none: internalized)'}")
+    operands = multiplication_operands(answer.model_input)
+    value = reversed_digits_value(answer.answer.removeprefix("####")) if operands else None
+    if value is None:
+        return "\n".join([*lines, f"answer: {answer.answer.removeprefix('####').strip()}"])
+    a, b = operands
+    verdict = "correct" if value == a * b else f"wrong, {a}*{b} = {a * b}"
+    return "\n".join([*lines, f"answer: {value}  (model notation: {answer.answer}; {verdict})"])
+
+
+# ---------------------------------------------------------------------------------------------- trade-off
+
+
+def tradeoff(checkpoints: Sequence[str | Path], examples: Sequence[Example], *, labels: Sequence[str] | None = None,
+             batch_size: int = 32, max_new_tokens: int = 800, progress: bool = True, **load_kwargs) -> list[dict]:
+    """Accuracy and speed of each checkpoint on the same examples (one row per checkpoint, in order)."""
+    labels = list(labels) if labels else [Path(c).name or str(c) for c in checkpoints]
+    if len(labels) != len(checkpoints):
+        raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+    rows = []
+    for label, path in zip(labels, checkpoints):
+        result, _ = evaluate_checkpoint(load_checkpoint(path, **load_kwargs), examples, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, progress=progress)
+        rows.append({"label": label, "checkpoint": str(path), "accuracy": result.accuracy,
+                     "examples_per_second": result.examples_per_second,
+                     "tokens_per_second": result.tokens_per_second,
+                     "mean_generated_tokens": result.mean_generated_tokens})
+    slowest = min(row["examples_per_second"] for row in rows)
+    return [{**row, "speedup_vs_slowest": row["examples_per_second"] / slowest} for row in rows]
+
+
+def write_tradeoff(rows: Sequence[dict], out_dir: str | Path, *, title: str = "") -> tuple[Path, Path]:
+    """``tradeoff.csv`` and ``tradeoff.png`` (accuracy against examples/s, points in checkpoint order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out_dir / "tradeoff.csv", out_dir / "tradeoff.png"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TRADEOFF_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    speeds, accuracies = [r["examples_per_second"] for r in rows], [r["accuracy"] for r in rows]
+    ax.plot(speeds, accuracies, "o-")
+    for row, x, y in zip(rows, speeds, accuracies):
+        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="examples / s (greedy decoding)", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
+           title=title or "speed-accuracy trade-off")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def _load(args: argparse.Namespace, path: str | Path) -> Checkpoint:
+    return load_checkpoint(path, which=args.which, dtype=args.dtype, join=args.join)
+
+
+@user_errors_exit
+def run_eval(args: argparse.Namespace) -> int:
+    """``icot eval --checkpoint DIR --data FILE``: writes eval.json (+ predictions) and prints it last."""
+    checkpoint = _load(args, args.checkpoint)
+    examples = read_eval_examples(args.data, args.limit)
+    result, metrics = evaluate_checkpoint(checkpoint, examples, batch_size=args.batch_size,
+                                          max_new_tokens=args.max_new_tokens, n_remove=args.n_remove)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"data": str(args.data), **metrics}
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    with out.with_name(f"{out.stem}_predictions.jsonl").open("w") as f:
+        for prediction in result.predictions:
+            f.write(json.dumps(dataclasses.asdict(prediction)) + "\n")
+    print(json.dumps(metrics))
+    return 0
+
+
+@user_errors_exit
+def run_generate(args: argparse.Namespace) -> int:
+    """``icot generate --checkpoint DIR QUESTION``: the model's CoT (if any) and answer."""
+    answer = generate_answer(_load(args, args.checkpoint), args.question, max_new_tokens=args.max_new_tokens)
+    print(format_answer(answer))
+    return 0
+
+
+@user_errors_exit
+def run_tradeoff(args: argparse.Namespace) -> int:
+    """``icot tradeoff --checkpoints A B C --data FILE``: tradeoff.csv and tradeoff.png under ``--out``."""
+    rows = tradeoff(args.checkpoints, read_eval_examples(args.data, args.limit), labels=args.labels,
+                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, which=args.which,
+                    dtype=args.dtype, join=args.join)
+    csv_path, png_path = write_tradeoff(rows, args.out, title=f"{Path(args.data).parent.name}: accuracy vs speed")
+    for row in rows:
+        print(f"{row['label']:>24}  accuracy {row['accuracy']:.3f}  {row['examples_per_second']:8.2f} examples/s  "
+              f"{row['mean_generated_tokens']:6.1f} tokens/example  x{row['speedup_vs_slowest']:.2f}")
+    print(json.dumps({"csv": str(csv_path), "png": str(png_path), "rows": rows}))
+    return 0
+
+
+def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help="weights of a run directory (default: best)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of a Hugging Face folder's weights and compute (default: float32)")
+    parser.add_argument("--join", choices=("reference", "segments"),
+                        help="tokenization mode of training (default: the run's, or 'reference')")
+    parser.add_argument("--max-new-tokens", type=int, default=800, help="default: 800, as the reference")
+    if data:
+        parser.add_argument("--data", required=True, help="SRC||COT #### ANS file (e.g. valid.txt)")
+        parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")
+        parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``eval``, ``generate`` and ``tradeoff``."""
+    e = subparsers.add_parser("eval", help="generation accuracy and throughput of a checkpoint",
+                              description="Greedy-decode every question of --data and score the answers "
+                                          "exactly as the reference; writes eval.json.")
+    e.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder")
+    _checkpoint_options(e, data=True)
+    e.add_argument("--out", help="where to write the JSON (default: CHECKPOINT/eval.json)")
+    e.add_argument("--n-remove", type=parse_n_remove, metavar="K|all",
+                   help="also report teacher-forced loss/accuracy with K CoT tokens removed")
+    e.set_defaults(run=run_eval)
+
+    g = subparsers.add_parser("generate", help="answer one question",
+                              description="Multiplication in normal notation (3719*3349) is converted to the "
+                                          "models' reversed notation and the answer back; other text is used as is.")
+    g.add_argument("question", help="e.g. '3719*3349', '9 1 7 3 * 9 4 3 3' or a GSM8K question")
+    g.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder")
+    _checkpoint_options(g, data=False)
+    g.set_defaults(run=run_generate)
+
+    t = subparsers.add_parser("tradeoff", help="accuracy vs speed of several checkpoints (CSV + PNG)")
+    t.add_argument("--checkpoints", nargs="+", required=True, help="e.g. checkpoints at growing removal counts")
+    t.add_argument("--labels", nargs="+", help="one label per checkpoint (default: folder names)")
+    _checkpoint_options(t, data=True)
+    t.add_argument("--out", default="tradeoff", help="output folder (default: ./tradeoff)")
+    t.set_defaults(run=run_tradeoff)

@@ -1,0 +1,135 @@
+"""`icot eval`, `icot generate`, `icot tradeoff` end to end on an exported Hugging Face folder, and the
+multiplication notation they convert."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import transformers
+
+from icot_jax.data.formats import Example, write_examples
+from icot_jax.evaluate import (
+    Answer,
+    Checkpoint,
+    add_commands,
+    evaluate_checkpoint,
+    format_answer,
+    multiplication_operands,
+    reversed_digits_value,
+    to_model_notation,
+)
+from icot_jax.models.hf import export_pretrained, from_config
+
+EXAMPLES = [Example("3 1 * 2 4", "6 2 1 + 0 4 ( 6 6 5 )", "#### 6 6 5 0"),
+            Example("7 * 9", "3 6", "#### 3 6"),
+            Example("5 2 * 1 1", "5 2 + 0 5 2", "#### 5 7 2 0"),
+            Example("9 9 * 9 9", "1 8 9 + 0 1 8 9 ( 1 0 8 9 )", "#### 1 0 8 9"),
+            Example("2 * 3", "6", "#### 6")]
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="icot")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+@pytest.mark.parametrize(("question", "model_input"), [
+    ("3719*3349", "9 1 7 3 * 9 4 3 3"),
+    (" 12 * 5 ", "2 1 * 5"),
+    ("9 1 7 3 * 9 4 3 3", "9 1 7 3 * 9 4 3 3"),  # already in model notation
+    ("Tom has 3 apples. How many?", "Tom has 3 apples. How many?"),
+])
+def test_to_model_notation(question, model_input):
+    assert to_model_notation(question) == model_input
+
+
+def test_reversed_digits_and_operands():
+    assert reversed_digits_value("1 3 9 4 5 4 2 1") == 12454931
+    assert reversed_digits_value("0 1 0 0") == 10  # the padding zeros are the leading digits
+    assert reversed_digits_value("12 3") is None and reversed_digits_value("") is None
+    assert multiplication_operands("9 1 7 3 * 9 4 3 3") == (3719, 3349)
+    assert multiplication_operands("Tom has 3 * 4 apples") is None
+
+
+def test_format_answer_converts_multiplication_answers_back():
+    right = format_answer(Answer("9 1 7 3 * 9 4 3 3", "#### 1 3 9 4 5 4 2 1", "", "#### 1 3 9 4 5 4 2 1"))
+    assert "answer: 12454931" in right and "correct" in right and "CoT: (none" in right
+    wrong = format_answer(Answer("2 * 3", "6 #### 7", "6", "#### 7"))
+    assert "answer: 7 " in wrong and "wrong, 2*3 = 6" in wrong and "CoT: 6" in wrong
+    assert "answer: 72" in format_answer(Answer("Tom?", "<<8*9=72>> #### 72", "<<8*9=72>>", "#### 72"))
+    assert "answer: none" in format_answer(Answer("2 * 3", "6 6", "6 6", None))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, builtin_tokenizer):
+    """A tiny random GPT-2 exported with the built-in tokenizer, as `icot export-hf` writes it."""
+    eos = builtin_tokenizer.eos_token_id
+    config = transformers.GPT2Config(vocab_size=len(builtin_tokenizer), n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=eos, eos_token_id=eos)
+    model = from_config(config, seed=0)
+    folder = export_pretrained(model, config, tmp_path_factory.mktemp("hf") / "tiny", tokenizer=builtin_tokenizer)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "valid.txt"
+    write_examples(path, EXAMPLES)
+    return path
+
+
+def test_eval_command_on_hf_folder(hf_folder, data_file, builtin_tokenizer, tmp_path, capsys):
+    folder, model = hf_folder
+    out = tmp_path / "eval.json"
+    assert run_cli(["eval", "--checkpoint", str(folder), "--data", str(data_file), "--batch-size", "2",
+                    "--max-new-tokens", "12", "--n-remove", "all", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed
+    assert (printed["n_examples"], printed["batch_size"], printed["max_new_tokens"]) == (5, 2, 12)
+    assert printed["compiles"] == 1 and printed["compile_seconds"] > 0
+    assert printed["examples_per_second"] > 0 and 1 <= printed["mean_generated_tokens"] <= 12
+    assert printed["device"].startswith("cpu") and printed["n_remove"] == "all"
+    assert printed["teacher_forced_loss"] > 0 and math.isfinite(printed["teacher_forced_ppl"])
+    predictions = [json.loads(line) for line in out.with_name("eval_predictions.jsonl").read_text().splitlines()]
+    # The exported folder decodes exactly as the in-memory model it came from.
+    in_memory, _ = evaluate_checkpoint(Checkpoint(folder, model, builtin_tokenizer, "reference"), EXAMPLES,
+                                       batch_size=2, max_new_tokens=12, progress=False)
+    assert [p["generated_text"] for p in predictions] == [p.generated_text for p in in_memory.predictions]
+    assert [p["target_answer"] for p in predictions] == [e.answer for e in EXAMPLES]
+
+
+def test_eval_writes_next_to_the_checkpoint_by_default(hf_folder, data_file, capsys):
+    folder, _ = hf_folder
+    run_cli(["eval", "--checkpoint", str(folder), "--data", str(data_file), "--limit", "2", "--max-new-tokens", "4"])
+    assert json.loads((folder / "eval.json").read_text())["n_examples"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_examples"] == 2
+
+
+def test_generate_command_converts_notation(hf_folder, capsys):
+    folder, _ = hf_folder
+    assert run_cli(["generate", "--checkpoint", str(folder), "--max-new-tokens", "6", "31*42"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "model input: 1 3 * 2 4"
+    assert lines[-1].startswith("answer: ")
+
+
+def test_tradeoff_command_writes_csv_and_png(hf_folder, data_file, tmp_path, capsys):
+    folder, _ = hf_folder
+    out = tmp_path / "tradeoff"
+    assert run_cli(["tradeoff", "--checkpoints", str(folder), str(folder), "--labels", "a", "b", "--data",
+                    str(data_file), "--max-new-tokens", "4", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "tradeoff.csv").open()))
+    assert [row["label"] for row in rows] == ["a", "b"]
+    assert min(float(row["speedup_vs_slowest"]) for row in rows) == 1.0
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["png"] == str(out / "tradeoff.png")
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):
+    with pytest.raises(SystemExit, match="neither a training run directory"):
+        run_cli(["eval", "--checkpoint", str(tmp_path), "--data", str(data_file)])
