@@ -1,0 +1,1 @@
+"""Training: the compiled step (``step``), the host loop (``loop``) and run logs (``logs``)."""

@@ -1,0 +1,225 @@
+"""One compiled train step for the whole curriculum: in-graph removal, masked loss, AdamW update.
+
+``TrainStep(graphdef, optimizer, config)(state, batch, n_remove) -> (state, metrics)`` is a pure
+function under plain ``jax.jit`` with the state donated. The removal count per example is an ordinary
+``int32[B]`` input, so the schedule moves from "nothing removed" to "everything removed" (smoothing,
+optimizer resets and all) without a single recompilation; ``metrics["train_step_compiles"]`` proves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from icot_jax.removal import remove_cot
+
+BATCH_KEYS = {"input_ids": np.int32, "seps": np.int32, "example_mask": np.bool_}
+"""Batch entries the step reads and the dtypes it requires (other keys, e.g. ``index``, are ignored)."""
+
+
+def make_optimizer(learning_rate: float, *, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+    """The reference optimizer: global-norm clipping, then AdamW with torch's defaults and a constant LR.
+
+    Weight decay applies to every parameter (biases and norms included), as ``torch.optim.AdamW`` does
+    on the reference's ``model.parameters()``. Moments take the parameters' dtype, so pure-bf16
+    parameters get bf16 optimizer state like the reference's ``--bf16``.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree (checkpoint it whole)."""
+
+    step: jax.Array
+    """``int32[]``: updates applied so far. Seeds dropout; not reset by optimizer resets."""
+    params: nnx.State
+    """``nnx.Param`` variables of the model."""
+    rest: nnx.State
+    """All other model variables, passed through unchanged."""
+    opt_state: optax.OptState
+    rng: jax.Array
+    """Base PRNG key (raw ``uint32[2]``); dropout uses ``fold_in(fold_in(rng, step), micro_batch)``."""
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_train_state(params: nnx.State, rest: nnx.State, optimizer: optax.GradientTransformation, *,
+                     seed: int) -> TrainState:
+    """A fresh train state. Pure: ``jax.jit`` it with ``out_shardings`` for sharded initialisation."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def token_stats(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy and correct predictions over target positions (float32).
+
+    ``logits[:, j]`` predicts ``input_ids[:, j + 1]``, which counts where ``loss_mask[:, j + 1]``.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets, mask = input_ids[:, 1:], loss_mask[:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss_sum = jnp.sum(jnp.where(mask, ce, 0.0))
+    n_correct = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == targets)).astype(jnp.float32)
+    return loss_sum, n_correct
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the compiled step (changing one means a new ``TrainStep``)."""
+
+    pad_id: int
+    side: str = "left"
+    """Which end of the CoT is removed first (the paper: ``left``)."""
+    keep_position: bool = False
+    """Kept tokens keep their original position ids (not used in the paper)."""
+    accumulate_steps: int = 1
+    """Micro-batches per update: the batch of ``B`` rows is processed as ``A`` slices of ``B / A`` rows."""
+
+
+class TrainStep:
+    """The compiled train step, evaluation step and optimizer reset for one model graph.
+
+    ``state_sharding`` (a pytree of shardings matching :class:`TrainState`) and ``batch_sharding`` (one
+    sharding for every batch array and ``n_remove``) are passed to ``jax.jit``; ``None`` lets JAX
+    follow the inputs' placement.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: StepConfig, *,
+                 state_sharding: Any = None, batch_sharding: Any = None):
+        if config.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be >= 1, got {config.accumulate_steps}")
+        self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
+        self._traces = 0
+        data = (state_sharding, batch_sharding, batch_sharding)
+        self._train = jax.jit(self._train_step, in_shardings=data, out_shardings=(state_sharding, None),
+                              donate_argnums=0)
+        self._eval = jax.jit(self._eval_step, in_shardings=data)
+        self._reset = jax.jit(self._reset_optimizer, in_shardings=(state_sharding,),
+                              out_shardings=state_sharding, donate_argnums=0)
+
+    @property
+    def compiles(self) -> int:
+        """How many times the train step has been traced (= compiled by ``jax.jit``) so far."""
+        return self._traces
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any) -> tuple[TrainState, dict]:
+        """One update. ``state`` is donated: use only the returned one. Metrics are scalars."""
+        state, metrics = self._train(state, _select(batch, n_remove), n_remove)
+        return state, {**metrics, "train_step_compiles": self.compiles}
+
+    def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any) -> jax.stages.Lowered:
+        """Lower the train step for these (possibly abstract, ``jax.ShapeDtypeStruct``) arguments, e.g.
+        to compile ahead of time for a TPU topology and read ``compile().memory_analysis()``."""
+        return self._train.lower(state, _select(batch, n_remove), n_remove)
+
+    def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any) -> dict:
+        """Teacher-forced sums for one batch, no dropout, no update: ``loss_sum``, ``n_correct``,
+        ``n_target_tokens`` (add them over batches) and the batch's ``loss`` and ``token_accuracy``."""
+        return self._eval(state, _select(batch, n_remove), n_remove)
+
+    def reset_optimizer(self, state: TrainState) -> TrainState:
+        """Fresh optimizer state (moments and count zeroed), as the reference rebuilds AdamW; donates ``state``."""
+        return self._reset(state)
+
+    # -- traced functions ------------------------------------------------------------------------------
+
+    def _prepare(self, batch: dict, n_remove: jax.Array) -> tuple[dict, dict]:
+        """Remove CoT tokens in-graph; return model inputs with the loss mask, and removal statistics."""
+        c = self.config
+        removed = remove_cot(batch["input_ids"], batch["seps"], n_remove, side=c.side,
+                             keep_position=c.keep_position, pad_id=c.pad_id)
+        real = batch["example_mask"]
+        inputs = {"input_ids": removed.input_ids, "position_ids": removed.position_ids,
+                  "attention_mask": removed.attention_mask, "loss_mask": removed.loss_mask & real[:, None]}
+        n_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+        cot_left = jnp.maximum(removed.seps[:, 1] - removed.seps[:, 0] - 1, 0)
+        stats = {"mean_removed": jnp.sum(jnp.where(real, removed.n_removed, 0)) / n_real,
+                 "mean_cot_left": jnp.sum(jnp.where(real, cot_left, 0)) / n_real}
+        return inputs, stats
+
+    def _token_stats(self, params: nnx.State, rest: nnx.State, inputs: dict, dropout_key: jax.Array | None):
+        model = nnx.merge(self.graphdef, params, rest)
+        logits = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], dropout_key=dropout_key)
+        return token_stats(logits, inputs["input_ids"], inputs["loss_mask"])
+
+    def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array) -> tuple[TrainState, dict]:
+        self._traces += 1  # Python side effect: runs once per trace, never per call
+        inputs, stats = self._prepare(batch, n_remove)
+        n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
+        inv_tokens = 1.0 / jnp.maximum(n_tokens, 1).astype(jnp.float32)
+        micro_batches = jax.tree.map(self._split_micro_batches, inputs)
+        step_key = jax.random.fold_in(state.rng, state.step)
+
+        def objective(params, micro_batch, key):
+            # Each micro-batch contributes its *sum* over target tokens divided by the target count of the
+            # whole batch, so the micro-batch gradients add up to exactly the gradient of the full batch's
+            # token-mean loss, however unevenly the targets fall into micro-batches. (Averaging per-micro
+            # means, or the reference's update after the first micro-batch alone, would not.)
+            loss_sum, n_correct = self._token_stats(params, state.rest, micro_batch, key)
+            return loss_sum * inv_tokens, (loss_sum, n_correct)
+
+        def accumulate(grads, indexed_micro_batch):
+            index, micro_batch = indexed_micro_batch
+            key = jax.random.fold_in(step_key, index)
+            (_, sums), micro_grads = jax.value_and_grad(objective, has_aux=True)(state.params, micro_batch, key)
+            return jax.tree.map(jnp.add, grads, micro_grads), sums
+
+        # Gradients accumulate in the parameters' dtype, as the reference's .grad does (an fp32 buffer
+        # would add 4 bytes per parameter to a pure-bf16 run).
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        indices = jnp.arange(self.config.accumulate_steps)
+        grads, (loss_sums, n_correct) = jax.lax.scan(accumulate, zeros, (indices, micro_batches))
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": jnp.sum(loss_sums) * inv_tokens, "token_accuracy": jnp.sum(n_correct) * inv_tokens,
+                   "n_target_tokens": n_tokens, "grad_norm": optax.tree.norm(grads), **stats}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _split_micro_batches(self, x: jax.Array) -> jax.Array:
+        steps = self.config.accumulate_steps
+        if x.shape[0] % steps:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by accumulate_steps={steps}")
+        return x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
+
+    def _eval_step(self, state: TrainState, batch: dict, n_remove: jax.Array) -> dict:
+        inputs, stats = self._prepare(batch, n_remove)
+        loss_sum, n_correct = self._token_stats(state.params, state.rest, inputs, None)
+        n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
+        denominator = jnp.maximum(n_tokens, 1).astype(jnp.float32)
+        return {"loss_sum": loss_sum, "n_correct": n_correct, "n_target_tokens": n_tokens,
+                "loss": loss_sum / denominator, "token_accuracy": n_correct / denominator, **stats}
+
+    def _reset_optimizer(self, state: TrainState) -> TrainState:
+        return state.replace(opt_state=self.optimizer.init(state.params))
+
+
+def _select(batch: Mapping[str, Any], n_remove: Any) -> dict:
+    """The batch entries the step reads, checked for presence, dtype and shape (a dtype change would
+    silently recompile the step)."""
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+    named = {f"batch['{key}']": (batch[key], dtype) for key, dtype in BATCH_KEYS.items()}
+    for name, (value, dtype) in {**named, "n_remove": (n_remove, np.int32)}.items():
+        if np.dtype(value.dtype) != np.dtype(dtype):
+            raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {np.dtype(value.dtype).name}")
+    rows = batch["input_ids"].shape[0]
+    if batch["seps"].shape != (rows, 3) or batch["example_mask"].shape != (rows,) or n_remove.shape != (rows,):
+        raise ValueError(f"inconsistent batch shapes: input_ids {batch['input_ids'].shape}, seps "
+                         f"{batch['seps'].shape}, example_mask {batch['example_mask'].shape}, n_remove {n_remove.shape}")
+    return {key: batch[key] for key in BATCH_KEYS}

@@ -1,0 +1,232 @@
+"""The compiled train step: exact loss and gradients, one compilation per batch shape, resets, dtypes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from icot_jax.models.hf import from_config
+from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, removed_counts
+from icot_jax.train.step import StepConfig, TrainStep, init_train_state, make_optimizer, split_model
+
+VOCAB, EOS = 20, 0
+
+
+def tiny_gpt2(*, dropout=0.0, dtype=jnp.float32, param_dtype=jnp.float32, seed=0):
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                     bos_token_id=EOS, eos_token_id=EOS)
+    return from_config(config, dtype=dtype, param_dtype=param_dtype, seed=seed)
+
+
+def make_batch(rng, rows, length, *, filler=0, max_cot=8):
+    """``rows`` random examples ``q EOS cot EOS ans EOS`` (EOS-padded to ``length``) plus filler rows."""
+    input_ids = np.full((rows + filler, length), EOS, np.int32)
+    seps = np.zeros((rows + filler, 3), np.int32)
+    for i in range(rows):
+        q, cot, ans = rng.integers(1, 5), rng.integers(0, max_cot + 1), rng.integers(1, 4)
+        body = rng.integers(1, VOCAB, q + cot + ans)
+        tokens = [*body[:q], EOS, *body[q:q + cot], EOS, *body[q + cot:], EOS]
+        input_ids[i, :len(tokens)] = tokens
+        seps[i] = [q, q + cot + 1, len(tokens) - 1]
+    input_ids[rows:] = rng.integers(1, VOCAB, (filler, length))  # junk that must not count
+    return {"input_ids": input_ids, "seps": seps, "example_mask": np.arange(rows + filler) < rows,
+            "index": np.arange(rows + filler, dtype=np.int32)}
+
+
+def fresh(model, optimizer, seed=0):
+    graphdef, params, rest = split_model(model)
+    return graphdef, init_train_state(params, rest, optimizer, seed=seed)
+
+
+def reference_loss(model, batch, n_remove):
+    """Token-mean loss of physically shortened, unpadded examples run one at a time (left side)."""
+    forward = jax.jit(lambda ids: model(ids, jnp.arange(ids.shape[1])[None], jnp.ones(ids.shape, bool)))
+    total, count = 0.0, 0
+    for tokens, (q_end, cot_end, last), n, real in zip(batch["input_ids"], batch["seps"], n_remove,
+                                                       batch["example_mask"]):
+        if not real:
+            continue
+        kept = np.concatenate([tokens[:q_end + 1], tokens[min(q_end + 1 + n, cot_end):last + 1]])
+        log_probs = np.asarray(jax.nn.log_softmax(forward(kept[None])[0]), np.float64)
+        targets = range(q_end + 1, len(kept))  # after the first EOS, up to and including the last EOS
+        total -= sum(log_probs[j - 1, kept[j]] for j in targets)
+        count += len(targets)
+    return total / count
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def target_count(batch, n_remove, rows=slice(None)):
+    """Training targets of the real examples among ``rows`` after removal: CoT left, answer, two EOS."""
+    seps, real = batch["seps"][rows], batch["example_mask"][rows]
+    return int((seps[:, 2] - seps[:, 0] - removed_counts(seps, n_remove[rows]))[real].sum())
+
+
+def dtypes(tree):
+    return [x.dtype for x in jax.tree.leaves(tree)]
+
+
+def test_loss_and_accumulated_gradients_match_the_unpadded_reference():
+    rng = np.random.default_rng(0)
+    model = tiny_gpt2()
+    batch = make_batch(rng, rows=7, length=24, filler=1, max_cot=10)
+    n_remove = np.array([0, 2, 100, REMOVE_ALL, 5, 1, 3, REMOVE_ALL], np.int32)
+    expected = reference_loss(model, batch, n_remove)
+    sgd = optax.sgd(1.0)  # new params = params - grads: the update *is* the gradient
+
+    def run(accumulate_steps):
+        graphdef, state = fresh(model, sgd)
+        before = host(state.params)
+        step = TrainStep(graphdef, sgd, StepConfig(pad_id=EOS, accumulate_steps=accumulate_steps))
+        evaluation = host(step.evaluate(state, batch, n_remove))
+        state, metrics = step(state, batch, n_remove)
+        return jax.tree.map(lambda b, a: b - a, before, host(state.params)), host(metrics), evaluation
+
+    full, metrics, evaluation = run(1)
+    accumulated, accumulated_metrics, _ = run(4)
+    assert len({target_count(batch, n_remove, rows) for rows in np.split(np.arange(8), 4)}) > 1  # uneven
+    for value in (metrics["loss"], accumulated_metrics["loss"], evaluation["loss"]):
+        assert value == pytest.approx(expected, rel=1e-6)
+    for f, a in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
+        np.testing.assert_allclose(a, f, rtol=1e-5, atol=1e-7)
+    assert metrics["n_target_tokens"] == evaluation["n_target_tokens"] == target_count(batch, n_remove)
+    real = batch["example_mask"]
+    removed = removed_counts(batch["seps"], n_remove)[real]
+    cot = (batch["seps"][:, 1] - batch["seps"][:, 0] - 1)[real]
+    assert metrics["mean_removed"] == pytest.approx(removed.mean())
+    assert metrics["mean_cot_left"] == pytest.approx((cot - removed).mean())
+
+
+def test_whole_schedule_compiles_once_per_batch_shape():
+    rng = np.random.default_rng(2)
+    batch_size, num_examples = 4, 22
+    # E = 6 batches per epoch, S = 1: one more token per batch; remove-all once 7 are scheduled.
+    schedule = Schedule(num_examples, batch_size, remove_per_epoch=6, remove_all_when_remove_beyond=7)
+    curriculum = Curriculum(schedule, "icot", smoothing_lambda=1.0, reset_optimizer=True, seed=5)
+    optimizer = make_optimizer(1e-3)
+    graphdef, state = fresh(tiny_gpt2(dropout=0.1), optimizer)
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=EOS, accumulate_steps=2))
+    prev_cot_left, log = True, []
+    for index in range(3 * schedule.steps_per_epoch):
+        length = 24 if index < 2 * schedule.steps_per_epoch else 32  # a second bucket in the last epoch
+        rows = batch_size if (index + 1) % schedule.steps_per_epoch else num_examples % batch_size
+        batch = make_batch(rng, rows, length, filler=batch_size - rows)
+        plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
+        if plan.reset_optimizer:
+            state = step.reset_optimizer(state)
+        state, metrics = step(state, batch, plan.n_remove)
+        metrics = host(metrics)
+        real = batch["example_mask"]
+        assert metrics["mean_removed"] == pytest.approx(removed_counts(batch["seps"], plan.n_remove)[real].mean())
+        assert math.isfinite(metrics["loss"])
+        log.append((length, plan, metrics))
+        prev_cot_left = plan.cot_left
+    assert step.compiles == 2
+    assert [m["train_step_compiles"] for length, _, m in log] == [1 if length == 24 else 2 for length, _, _ in log]
+    scheduled = [plan.schedule.scheduled_to_remove for _, plan, _ in log]
+    assert scheduled[0] == 0 and scheduled[-1] == math.inf and scheduled == sorted(scheduled)
+    resets = [i for i, (_, plan, _) in enumerate(log) if plan.reset_optimizer]
+    first_all = scheduled.index(math.inf)
+    assert len(resets) >= 3 and max(resets) <= first_all
+    assert all(m["mean_cot_left"] == 0 for _, _, m in log[first_all:])
+    assert int(state.step) == len(log)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16")])
+def test_dtypes_are_stable_and_reset_restarts_the_optimizer(dtype, param_dtype):
+    rng = np.random.default_rng(3)
+    optimizer = make_optimizer(1e-3)
+    graphdef, state = fresh(tiny_gpt2(dtype=dtype, param_dtype=param_dtype), optimizer)
+    initial = dtypes(state)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(param_dtype)}
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=EOS, accumulate_steps=2))
+    for index in range(2):
+        state, metrics = step(state, make_batch(rng, 4, 24), np.full(4, index, np.int32))
+        assert math.isfinite(float(metrics["loss"]))
+    params = host(state.params)
+    state = step.reset_optimizer(state)
+    assert int(state.step) == 2  # the global step survives; the optimizer's own count restarts
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(host(state.params))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(host(optimizer.init(state.params))), jax.tree.leaves(host(state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    state, _ = step(state, make_batch(rng, 4, 24), np.full(4, REMOVE_ALL, np.int32))
+    assert dtypes(state) == initial
+    assert step.compiles == 1
+
+
+def test_dropout_follows_the_step_so_resume_is_exact():
+    rng = np.random.default_rng(4)
+    optimizer = make_optimizer(1e-3)
+    batches = [make_batch(rng, 4, 24) for _ in range(2)]
+    n_remove = np.array([0, 1, 2, 3], np.int32)
+    graphdef, state = fresh(tiny_gpt2(dropout=0.3), optimizer)
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=EOS))
+    state, _ = step(state, batches[0], n_remove)
+    checkpoint = host(state)
+    state, metrics = step(state, batches[1], n_remove)
+    restored, replayed = step(jax.tree.map(jnp.asarray, checkpoint), batches[1], n_remove)  # a third call
+    for a, b in zip(jax.tree.leaves(host(state)), jax.tree.leaves(host(restored))):
+        np.testing.assert_array_equal(a, b)
+    assert float(replayed["loss"]) == float(metrics["loss"])
+    moved = jax.tree.map(jnp.asarray, checkpoint).replace(step=jnp.asarray(7, jnp.int32))
+    _, other_step = step(moved, batches[1], n_remove)
+    assert float(other_step["loss"]) != float(metrics["loss"])  # same params and batch, other dropout
+
+
+def test_evaluate_is_deterministic_and_sums_add_up():
+    rng = np.random.default_rng(5)
+    graphdef, state = fresh(tiny_gpt2(dropout=0.3), make_optimizer(1e-3))
+    step = TrainStep(graphdef, make_optimizer(1e-3), StepConfig(pad_id=EOS))
+    batch, n_remove = make_batch(rng, 4, 24, filler=2), np.array([0, 1, 2, REMOVE_ALL, 0, 0], np.int32)
+    first, second = host(step.evaluate(state, batch, n_remove)), host(step.evaluate(state, batch, n_remove))
+    assert all(first[key] == second[key] for key in first)
+    assert first["loss"] == pytest.approx(first["loss_sum"] / first["n_target_tokens"])
+    assert first["token_accuracy"] == pytest.approx(first["n_correct"] / first["n_target_tokens"])
+    assert step.compiles == 0
+
+
+def test_explicit_shardings_and_ahead_of_time_lowering():
+    rng = np.random.default_rng(7)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    optimizer = make_optimizer(1e-3)
+    graphdef, state = fresh(tiny_gpt2(), optimizer)
+    replicated, by_row = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=EOS), state_sharding=jax.tree.map(lambda _: replicated, state),
+                     batch_sharding=by_row)
+    batch, n_remove = make_batch(rng, 4, 24), np.zeros(4, np.int32)
+
+    def abstract(tree, sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+    step.lower(abstract(state, replicated), abstract(batch, by_row), abstract(n_remove, by_row))
+    # Inputs placed as declared; a differently placed input would be a new signature (and compilation).
+    state, batch, n_remove = jax.device_put((state, batch, n_remove), (replicated, by_row, by_row))
+    state, metrics = step(state, batch, n_remove)
+    assert step.compiles == 1  # the abstract lowering is the very program the real call runs
+    assert all(x.sharding == replicated for x in jax.tree.leaves(state))
+    assert math.isfinite(float(metrics["loss"]))
+
+
+def test_bad_batches_are_named():
+    graphdef, state = fresh(tiny_gpt2(), make_optimizer(1e-3))
+    step = TrainStep(graphdef, make_optimizer(1e-3), StepConfig(pad_id=EOS, accumulate_steps=3))
+    batch = make_batch(np.random.default_rng(8), 4, 24)
+    with pytest.raises(KeyError, match="seps"):
+        step.evaluate(state, {k: v for k, v in batch.items() if k != "seps"}, np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match=r"batch\['input_ids'\] must be int32"):
+        step.evaluate(state, {**batch, "input_ids": batch["input_ids"].astype(np.int64)}, np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match="n_remove must be int32"):
+        step.evaluate(state, batch, np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="n_remove"):
+        step.evaluate(state, batch, np.zeros(5, np.int32))
+    with pytest.raises(ValueError, match="accumulate_steps=3"):
+        step(state, batch, np.zeros(4, np.int32))
