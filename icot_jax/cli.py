@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -115,14 +116,20 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     tfds.set_defaults(run=_run_tfds)
 
 
-def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """`icot train`, `icot demo`, `icot export-hf` (see `icot_jax.train.commands`)."""
-    from icot_jax.train import commands
+def _commands_of(module: str) -> Callable[[argparse._SubParsersAction], None]:
+    """The ``add_commands(subparsers)`` of ``module``, imported only when the parser is built."""
 
-    commands.add_commands(subparsers)
+    def add(subparsers: argparse._SubParsersAction) -> None:
+        importlib.import_module(module).add_commands(subparsers)
+
+    return add
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_data_parser, add_train_parsers]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_data_parser,
+    _commands_of("icot_jax.train.commands"),  # train, demo, export-hf
+    _commands_of("icot_jax.evaluate"),  # eval, generate, tradeoff
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,25 +36,26 @@ def run_demo(args: argparse.Namespace) -> int:
     from icot_jax.train.loop import train
 
     summary = train(load_config(DEMO_CONFIG, args.overrides))
-    evals = [r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "val_accuracy" in r]
-    train_records = {r["step"]: r for r in read_metrics(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r}
-    explicit = [r for r in evals if not _removal_at(train_records, r["step"])]
+    records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
+    evals = [r for r in records if "val_accuracy" in r]
+    steps = [r for r in records if "loss" in r]
+
+    def last_train_record(step: int) -> dict:
+        return [r for r in steps if r["step"] <= step][-1]
+
+    def describe(record: dict) -> str:
+        return (f"step {record['step']}: validation accuracy {record['val_accuracy']:.3f}, "
+                f"{record['val_mean_generated_tokens']:.1f} tokens generated per answer")
+
     print(f"\nrun directory: {summary['run_dir']}  (metrics.jsonl, curriculum.png, checkpoints/)")
+    explicit = [r for r in evals if last_train_record(r["step"])["scheduled_to_remove"] == 0]
     if explicit:
-        print(f"explicit CoT (nothing removed yet), step {explicit[-1]['step']}: "
-              f"validation accuracy {explicit[-1]['val_accuracy']:.3f}, "
-              f"{explicit[-1]['val_mean_generated_tokens']:.1f} generated tokens per answer")
+        print(f"explicit CoT (nothing removed yet), {describe(max(explicit, key=lambda r: r['val_accuracy']))}")
     final = evals[-1]
-    state = "all CoT removed" if summary["final_remove_all"] else "CoT partially removed"
-    print(f"final ({state}), step {final['step']}: validation accuracy {final['val_accuracy']:.3f}, "
-          f"{final['val_mean_generated_tokens']:.1f} generated tokens per answer")
+    left = last_train_record(final["step"])["mean_cot_left"]
+    state = "no CoT left" if left == 0 else f"{left:.1f} CoT tokens left per example"
+    print(f"final ({state}), {describe(final)}")
     return 0
-
-
-def _removal_at(train_records: dict, step: int) -> int:
-    """Scheduled removal of the last logged training step at or before ``step``."""
-    before = [s for s in train_records if s <= step]
-    return train_records[max(before)]["scheduled_to_remove"] if before else 0
 
 
 @user_errors_exit
