@@ -239,6 +239,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+HFConfigLike = transformers.PretrainedConfig | Mapping | str | Path
+
+
 def family_for(hf_config: transformers.PretrainedConfig) -> Family:
     """The registered family of ``hf_config.model_type``."""
     model_type = getattr(hf_config, "model_type", None)
@@ -247,7 +250,7 @@ def family_for(hf_config: transformers.PretrainedConfig) -> Family:
     return FAMILIES[model_type]
 
 
-def as_hf_config(config: transformers.PretrainedConfig | Mapping | str | Path) -> transformers.PretrainedConfig:
+def as_hf_config(config: HFConfigLike) -> transformers.PretrainedConfig:
     """A transformers config from a config object, a ``config.json``-style dict or a checkpoint folder."""
     if isinstance(config, transformers.PretrainedConfig):
         return config
@@ -257,8 +260,12 @@ def as_hf_config(config: transformers.PretrainedConfig | Mapping | str | Path) -
     return transformers.AutoConfig.from_pretrained(str(config))
 
 
-def _random_state(model_class, model_config, dtype, param_dtype, key):
-    return nnx.state(model_class(model_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key)))
+def _build(model_class, model_config, dtype, param_dtype, key) -> CausalLM:
+    return model_class(model_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
+
+def _random_state(model_class, model_config, dtype, param_dtype, key) -> nnx.State:
+    return nnx.state(_build(model_class, model_config, dtype, param_dtype, key))
 
 
 # Initialising eagerly would compile every random op separately; one jitted function, cached per
@@ -266,26 +273,24 @@ def _random_state(model_class, model_config, dtype, param_dtype, key):
 _random_state_jit = jax.jit(_random_state, static_argnums=(0, 1, 2, 3))
 
 
-def from_config(hf_config, *, dtype: DTypeLike = "float32", param_dtype: DTypeLike = "float32", seed: int = 0,
-                shardings: ShardingsArg = None) -> CausalLM:
+def from_config(hf_config: HFConfigLike, *, dtype: DTypeLike = "float32", param_dtype: DTypeLike = "float32",
+                seed: int = 0, shardings: ShardingsArg = None) -> CausalLM:
     """A randomly initialised model (Hugging Face's init scheme), for training from scratch.
 
-    ``shardings`` (as for :func:`load_pretrained`) become the ``out_shardings`` of the jitted initialisation,
-    so a large model is created directly in its sharded layout.
+    ``hf_config``: a transformers config, a ``config.json``-style dict or a checkpoint folder. ``shardings``
+    (as for :func:`load_pretrained`) become the ``out_shardings`` of the jitted initialisation, so a large
+    model is created directly in its sharded layout.
     """
     hf_config = as_hf_config(hf_config)
     family = family_for(hf_config)
-    model_class, model_config = family.model_class, family.model_config(hf_config)
-    static = (model_class, model_config, jnp.dtype(dtype), jnp.dtype(param_dtype))
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(
-        lambda: model_class(model_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))
+    static = (family.model_class, family.model_config(hf_config), jnp.dtype(dtype), jnp.dtype(param_dtype))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _build(*static, jax.random.key(0))))
     if shardings is None:
-        state = _random_state_jit(*static, jax.random.key(seed))
+        init = _random_state_jit
     else:
         init = jax.jit(_random_state, static_argnums=(0, 1, 2, 3),
                        out_shardings=_shardings_tree(shardings, abstract_state))
-        state = init(*static, jax.random.key(seed))
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, init(*static, jax.random.key(seed)))
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -354,6 +359,12 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
         with safe_open(path / SINGLE_FILE, framework="flax") as f:
             return {key: path / SINGLE_FILE for key in f.keys()}
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+
+
+def _canonical_key(key: str, plan: Mapping[str, _Entry], base_prefix: str) -> str:
+    """The key as our key maps spell it: checkpoints saved from the base model (e.g. the hub's
+    openai-community/gpt2) lack the ``transformer.`` / ``model.`` prefix."""
+    return base_prefix + key if key not in plan and base_prefix + key in plan else key
 
 
 def _by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
@@ -458,8 +469,7 @@ def load_pretrained(path_or_name: str | Path, *, dtype: DTypeLike = "float32", p
     variables = _param_variables(state)
     plan = _plan(family, {p: v.get_value() for p, v in variables.items()}, model_config.num_layers)
     files = _checkpoint_files(path)
-    canonical = {key: key if key in plan or family.base_prefix + key not in plan else family.base_prefix + key
-                 for key in files}
+    canonical = {key: _canonical_key(key, plan, family.base_prefix) for key in files}
     _check(path, family, plan, files, canonical, model_config.tie_word_embeddings)
 
     sharding_for = _sharding_lookup(shardings)
