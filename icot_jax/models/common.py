@@ -40,16 +40,6 @@ def normal_init(std: float) -> Callable:
     return jax.nn.initializers.normal(stddev=std)
 
 
-def zeros_init(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
-def ones_init(key, shape, dtype):
-    del key
-    return jnp.ones(shape, dtype)
-
-
 def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
     """The logical axis names of every parameter, as ``PartitionSpec``s of names.
 
@@ -78,7 +68,8 @@ class Dense(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.out_dtype = self.dtype if out_dtype is None else jnp.dtype(out_dtype)
         self.kernel = param(normal_init(std), rngs.params(), (*in_shape, *out_shape), axes, param_dtype)
-        self.bias = (param(zeros_init, None, out_shape, axes[self.n_in:], param_dtype) if use_bias else None)
+        self.bias = (param(jax.nn.initializers.zeros, None, out_shape, axes[self.n_in:], param_dtype)
+                     if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in,
@@ -110,8 +101,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, features: int, *, eps: float, dtype: DTypeLike, param_dtype: DTypeLike):
         self.eps = eps
         self.dtype = jnp.dtype(dtype)
-        self.scale = param(ones_init, None, (features,), ("norm",), param_dtype)
-        self.bias = param(zeros_init, None, (features,), ("norm",), param_dtype)
+        self.scale = param(jax.nn.initializers.ones, None, (features,), ("norm",), param_dtype)
+        self.bias = param(jax.nn.initializers.zeros, None, (features,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -127,7 +118,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, features: int, *, eps: float, dtype: DTypeLike, param_dtype: DTypeLike):
         self.eps = eps
         self.dtype = jnp.dtype(dtype)
-        self.scale = param(ones_init, None, (features,), ("norm",), param_dtype)
+        self.scale = param(jax.nn.initializers.ones, None, (features,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -244,8 +235,8 @@ class CausalLM(nnx.Module):
     """The call signature shared by every family, plus KV-cached decoding.
 
     Subclasses define ``config`` (with ``num_layers``, ``num_kv_heads``, ``head_dim``, ``sliding_window``),
-    ``dtype``, ``blocks``, ``final_norm``, ``embed_inputs(input_ids, position_ids, dropout_key)`` and
-    ``unembed(x)``; a block is called as
+    ``dtype``, ``embed`` (an :class:`Embed`), ``blocks``, ``final_norm``, ``lm_head`` (None when tied to
+    ``embed``) and ``embed_inputs(input_ids, position_ids, dropout_key)``; a block is called as
     ``block(x, position_ids, mask, layer_cache, cache_index, dropout_key) -> (x, layer_cache)``.
     """
 
@@ -295,5 +286,7 @@ class CausalLM(nnx.Module):
         for block, layer_cache, key in zip(self.blocks, layer_caches, keys[1:]):
             x, layer_cache = block(x, position_ids, mask, layer_cache, cache_index, key)
             new_caches.append(layer_cache)
-        return self.unembed(self.final_norm(x)), new_caches
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits, new_caches
 

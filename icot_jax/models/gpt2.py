@@ -148,9 +148,6 @@ class GPT2LM(CausalLM):
         x = self.embed(input_ids) + self.pos_embed(position_ids)
         return dropout(x, self.config.embd_dropout, dropout_key)
 
-    def unembed(self, x):
-        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-
 
 def extend_positions(model_or_params: GPT2LM | nnx.State, new_n_positions: int) -> GPT2LM | nnx.State:
     """Grow the learned position table to ``new_n_positions`` rows by repeating its last row.

@@ -199,6 +199,3 @@ class LlamaLM(CausalLM):
         if self.config.padding_idx is None:
             return x
         return jnp.where((input_ids == self.config.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
-
-    def unembed(self, x):
-        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
