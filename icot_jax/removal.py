@@ -258,6 +258,9 @@ class Curriculum:
 
         ``prev_cot_left`` is :attr:`StepPlan.cot_left` of the previous batch (``True`` before the first
         batch, as in the reference). On resume, recompute it with ``plan(step - 1, ...)`` on that batch.
+        With several hosts, plan the *global* batch (the same arrays on every host) so that all hosts take
+        the same reset and skip decisions and draw distinct offsets per row; each host then feeds its own
+        rows of ``n_remove``.
         """
         seps, real = np.asarray(seps), np.asarray(example_mask, bool)
         if seps.ndim != 2 or seps.shape[1] != 3 or real.shape != seps.shape[:1]:
