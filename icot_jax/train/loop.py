@@ -235,6 +235,27 @@ def generation_metrics(evaluator, model, prefix: str) -> dict:
 # The loop
 
 
+def global_view(loader: BatchLoader) -> BatchLoader:
+    """A loader of whole global batches (the loader itself on a single host)."""
+    if loader.process_count == 1:
+        return loader
+    return BatchLoader(loader.data, loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
+                       process_index=0, process_count=1)
+
+
+def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: BatchLoader, batch: dict,
+               epoch: int, step_in_epoch: int, batch_index: int, *, prev_cot_left: bool):
+    """Plan a batch from the *global* batch's separators; return ``(plan, this host's n_remove)``.
+
+    Every host plans the same global batch, so resets, skips and smoothing offsets agree across hosts;
+    each then keeps the removal counts of its own rows (the loader's contiguous block).
+    """
+    whole = batch if global_loader is loader else global_loader.batch(epoch, step_in_epoch)
+    plan = curriculum.plan(batch_index, whole["seps"], whole["example_mask"], prev_cot_left=prev_cot_left)
+    first = loader.process_index * loader.rows_per_host
+    return plan, plan.n_remove[first:first + loader.rows_per_host]
+
+
 class _Preemption:
     """Turns SIGTERM (TPU preemption notice) into a flag the loop checks between batches."""
 
@@ -284,6 +305,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     data, graphdef, step_fn, state = trainer.data, trainer.graphdef, trainer.step, trainer.state
     curriculum, loader = trainer.curriculum, trainer.loader
     del trainer  # the train step donates the state's buffers: keep no other reference
+    global_loader = global_view(loader)
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
     checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
@@ -330,15 +352,15 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             batch_index = meta["batch_index"]
             epoch, step_in_epoch = divmod(batch_index, loader.steps_per_epoch)
             batch = loader.batch(epoch, step_in_epoch)
-            plan = curriculum.plan(batch_index, batch["seps"], batch["example_mask"],
-                                   prev_cot_left=meta["prev_cot_left"])
+            plan, n_remove = plan_batch(curriculum, loader, global_loader, batch, epoch, step_in_epoch,
+                                        batch_index, prev_cot_left=meta["prev_cot_left"])
             last_plan = plan
             if plan.reset_optimizer:
                 state = step_fn.reset_optimizer(state)
             skipped = t.max_len_train is not None and plan.batch_length > t.max_len_train
             metrics = None
             if not skipped:
-                state, metrics = step_fn(state, batch, plan.n_remove)
+                state, metrics = step_fn(state, batch, n_remove)
             meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
             end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
             logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
