@@ -1,0 +1,344 @@
+"""``icot aot``: compile the real train step for a TPU slice on any host and report per-chip memory.
+
+libtpu (``pip install 'jax[tpu]'``, the ``tpu`` extra) compiles for TPUs it does not have:
+``jax.experimental.topologies.get_topology_desc`` describes a slice's chips, the mesh of ``config.mesh``
+is laid over them, and the train step (:class:`~icot_jax.train.step.TrainStep` with the config's model,
+batch, accumulation, dtypes and shardings) is lowered over ``jax.ShapeDtypeStruct``s — no weights are
+ever created — and compiled by the same XLA TPU compiler a pod would run. ``memory_analysis()`` then
+gives each chip's bytes, and a step that cannot fit fails with ``RESOURCE_EXHAUSTED`` exactly as it
+would on the hardware (the approach of MaxText's ``train_compile.py``)::
+
+    icot aot configs/paper/gsm8k_mistral_7b_icot.yaml --topology v5p-8
+    icot aot configs/paper/gsm8k_phi3_mini_icot.yaml train.batch_size=64 mesh.tensor=2 --topology v5e-16
+
+The sequence length is ``train.max_len_train`` when set (the longest batch the run trains on), else
+``data.max_length``. The last line printed is JSON (see :meth:`AotReport.to_json`). The exit status is 0
+when the step fits, 1 when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from icot_jax.cli import user_errors_exit
+from icot_jax.config import Config
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------- slices
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What a TPU generation's slice names mean and what each chip holds."""
+
+    topology_prefix: str
+    """Prefix of libtpu's topology names (``v5:2x2x1`` is a v5p slice)."""
+    chip_config: str
+    """``megacore``: the chip's two TensorCores form one JAX device; ``default``: one core per chip."""
+    cores_per_chip: int
+    """Slice names count TensorCores (v4-16 has 8 chips) or chips (v5e-16 has 16)."""
+    hbm_bytes: int
+    dims: int
+    """2-D torus (v5e, v6e) or 3-D (v4, v5p)."""
+
+
+GENERATIONS = {
+    "v4": Generation("v4", "megacore", 2, 32 * GiB, 3),
+    "v5p": Generation("v5", "megacore", 2, 95 * GiB, 3),
+    "v5e": Generation("v5e", "default", 1, 16 * GiB, 2),
+    "v6e": Generation("v6e", "default", 1, 32 * GiB, 2),
+}
+ALIASES = {"v5litepod": "v5e"}
+
+# Chip grids of the standard slice shapes (Cloud TPU documentation: "TPU versions", topologies).
+_GRIDS = {
+    2: {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1), 16: (4, 4, 1), 32: (4, 8, 1), 64: (8, 8, 1), 128: (8, 16, 1),
+        256: (16, 16, 1)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8), 256: (4, 8, 8),
+        512: (8, 8, 8)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A Cloud TPU slice such as ``v5p-8``, as libtpu's compile-only topology needs it."""
+
+    name: str
+    generation: Generation
+    grid: tuple[int, int, int]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def topology_name(self) -> str:
+        dims = self.grid[:self.generation.dims]
+        return f"{self.generation.topology_prefix}:{'x'.join(map(str, dims))}"
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        # Single-host slices hold all their chips (up to 8 on v5e/v6e); larger ones have 4 chips per host.
+        return self.grid if self.chips <= (8 if self.generation.dims == 2 else 4) else (2, 2, 1)
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        # Wraparound links exist along full-length dimensions: 16 chips on 2-D tori, cubes of 4+ on 3-D.
+        full = 16 if self.generation.dims == 2 else 4
+        cube = self.generation.dims == 2 or min(self.grid) >= 4
+        return tuple(bool(size >= full and cube) for size in self.grid)
+
+    def devices(self) -> list:
+        """Compile-only JAX devices of this slice (needs libtpu)."""
+        from jax.experimental import topologies
+
+        # Compiling needs no chip, so do not take libtpu's one-process-per-host lock: several compiles (or
+        # one beside a training job on a TPU VM) can run at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        try:
+            topology = topologies.get_topology_desc(
+                platform="tpu", topology_name=self.topology_name, chip_config_name=self.generation.chip_config,
+                chips_per_host_bounds=self.chips_per_host_bounds, num_slices=1, wrap=self.wrap)
+        except RuntimeError as err:  # no TPU plugin
+            raise RuntimeError(f"cannot describe TPU topology {self.topology_name}: {err}. AOT compilation needs "
+                               "libtpu: pip install 'jax[tpu]' (or '.[tpu]')") from err
+        return list(topology.devices)
+
+
+def tpu_slice(name: str) -> TpuSlice:
+    """The slice called ``name`` (``v4-16``, ``v5p-8``, ``v5e-16``/``v5litepod-16``, ``v6e-8``, ...)."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if not match:
+        raise ValueError(f"--topology {name!r}: expected GENERATION-SIZE with GENERATION one of "
+                         f"{sorted([*GENERATIONS, *ALIASES])}, e.g. v5p-8 or v5e-16")
+    key = ALIASES.get(match.group(1), match.group(1))
+    generation = GENERATIONS[key]
+    size = int(match.group(2))
+    chips, remainder = divmod(size, generation.cores_per_chip)
+    grids = _GRIDS[generation.dims]
+    if remainder or chips not in grids:
+        sizes = ", ".join(f"{key}-{c * generation.cores_per_chip}" for c in grids)
+        raise ValueError(f"--topology {name!r}: unknown slice size; known: {sizes}")
+    return TpuSlice(name, generation, grids[chips])
+
+
+# ------------------------------------------------------------------------------------------ model configs
+
+
+BUILTIN_HF_CONFIGS: dict[str, dict[str, Any]] = {
+    # config.json of each hub repository (architecture fields), for hosts that cannot reach the hub.
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
+        initializer_range=0.02, bos_token_id=1, eos_token_id=2),
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+        original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+        sliding_window=2047, attention_dropout=0.0, embd_pdrop=0.0, resid_pdrop=0.0, tie_word_embeddings=False,
+        initializer_range=0.02, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
+    "gpt2": dict(
+        model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
+        initializer_range=0.02, bos_token_id=50256, eos_token_id=50256),
+    "gpt2-medium": dict(
+        model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
+        initializer_range=0.02, bos_token_id=50256, eos_token_id=50256),
+}
+BUILTIN_HF_CONFIGS["openai-community/gpt2"] = BUILTIN_HF_CONFIGS["gpt2"]
+BUILTIN_HF_CONFIGS["openai-community/gpt2-medium"] = BUILTIN_HF_CONFIGS["gpt2-medium"]
+
+
+def model_hf_config(config: Config):
+    """The transformers config of ``config.model``, without downloading weights.
+
+    A local folder or the local Hugging Face cache is used first, then :data:`BUILTIN_HF_CONFIGS` (so the
+    paper's models compile offline), then the hub. ``model.overrides`` are applied on top.
+    """
+    import transformers
+
+    m = config.model
+    if m.hf is None:
+        hf_config = transformers.AutoConfig.for_model(m.family)
+    else:
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(m.hf, local_files_only=True)
+        except OSError:
+            builtin = BUILTIN_HF_CONFIGS.get(m.hf)
+            hf_config = (transformers.AutoConfig.from_pretrained(m.hf) if builtin is None else
+                         transformers.AutoConfig.for_model(**builtin))
+    for key, value in m.overrides.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(f"model.overrides.{key}: {type(hf_config).__name__} has no field '{key}'")
+        setattr(hf_config, key, value)
+    return hf_config
+
+
+# -------------------------------------------------------------------------------------------- compiling
+
+
+@dataclasses.dataclass
+class AotReport:
+    """Per-chip memory and compute of one compiled train step (bytes and FLOPs are per chip)."""
+
+    topology: str
+    config: str
+    mesh: dict[str, int]
+    batch_size: int
+    seq_len: int
+    accumulate_steps: int
+    remat: str
+    num_params: int
+    hbm_bytes_per_device: int
+    fits: bool
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    temp_bytes: int | None = None
+    bytes_per_device: int | None = None
+    """``argument + output - alias + temp``: what the step holds on each chip at once."""
+    flops_per_device: float | None = None
+    model_flops_per_device: float | None = None
+    """``6 · num_params · tokens / chips``: the usual estimate of a dense train step (no attention)."""
+    compile_seconds: float | None = None
+    error: str | None = None
+    """The compiler's message when it ran out of memory."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    def table(self) -> str:
+        """The human-readable summary printed above the JSON line."""
+        def gib(n):
+            return "—" if n is None else f"{n / GiB:.2f} GiB"
+
+        rows = [("topology", f"{self.topology} ({math.prod(self.mesh.values())} chips, mesh {self.mesh})"),
+                ("config", self.config),
+                ("step", f"batch {self.batch_size} × length {self.seq_len}, accumulate {self.accumulate_steps}, "
+                         f"remat {self.remat}, {self.num_params / 1e9:.3f} B parameters"),
+                ("arguments", gib(self.argument_bytes)), ("outputs", gib(self.output_bytes)),
+                ("aliased (donated)", gib(self.alias_bytes)), ("temporaries", gib(self.temp_bytes)),
+                ("total per chip", gib(self.bytes_per_device)), ("HBM per chip", gib(self.hbm_bytes_per_device)),
+                ("verdict", "fits" if self.fits else "DOES NOT FIT")]
+        if self.flops_per_device is not None:
+            ratio = self.flops_per_device / self.model_flops_per_device
+            rows.append(("FLOPs per chip", f"{self.flops_per_device:.3e} compiled vs {self.model_flops_per_device:.3e}"
+                                           f" = 6·N·tokens/chips (ratio {ratio:.2f})"))
+        if self.compile_seconds is not None:
+            rows.append(("compile time", f"{self.compile_seconds:.0f} s"))
+        if self.error:
+            rows.append(("compiler", self.error))
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def seq_len(config: Config) -> int:
+    """The padded length the step is compiled for: ``train.max_len_train`` if set, else ``data.max_length``."""
+    return config.train.max_len_train or config.data.max_length
+
+
+def abstract_batch(batch_size: int, length: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a batch and its ``n_remove`` (the keys and dtypes the train step reads)."""
+    from icot_jax.train.step import BATCH_KEYS
+
+    shapes = {"input_ids": (batch_size, length), "seps": (batch_size, 3), "example_mask": (batch_size,)}
+    batch = {key: jax.ShapeDtypeStruct(shapes[key], np.dtype(dtype)) for key, dtype in BATCH_KEYS.items()}
+    return batch, jax.ShapeDtypeStruct((batch_size,), np.int32)
+
+
+def compile_train_step(config: Config, slice_name: str, *, config_name: str = "") -> AotReport:
+    """Compile ``config``'s train step for the TPU slice ``slice_name`` and measure it (see module docs)."""
+    from icot_jax import parallel
+    from icot_jax.models import hf
+    from icot_jax.train.step import StepConfig, TrainStep, make_optimizer
+
+    tpu = tpu_slice(slice_name)
+    setup = parallel.setup(config.mesh, tpu.devices())
+    t, m = config.train, config.model
+    setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
+    hf_config = model_hf_config(config)
+    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    graphdef, state = setup.abstract_state(
+        lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype), optimizer, seed=t.seed)
+    pad_id = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else 0
+    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=pad_id, side=t.removal_side,
+                                                     keep_position=t.keep_position,
+                                                     accumulate_steps=t.accumulate_steps),
+                     state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
+    length = seq_len(config)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    report = AotReport(
+        topology=tpu.name, config=config_name or config.name, mesh=dict(setup.mesh.shape), batch_size=t.batch_size,
+        seq_len=length, accumulate_steps=t.accumulate_steps, remat=config.mesh.remat, num_params=num_params,
+        hbm_bytes_per_device=tpu.generation.hbm_bytes, fits=False,
+        model_flops_per_device=6 * num_params * t.batch_size * length / tpu.chips)
+    start = time.perf_counter()
+    try:
+        compiled = step.lower(state, *abstract_batch(t.batch_size, length)).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        report.error = str(err).strip().splitlines()[0]
+        return report
+    report.compile_seconds = time.perf_counter() - start
+    _measure(report, compiled)
+    return report
+
+
+def _measure(report: AotReport, compiled) -> None:
+    memory = compiled.memory_analysis()
+    report.argument_bytes = memory.argument_size_in_bytes
+    report.output_bytes = memory.output_size_in_bytes
+    report.alias_bytes = memory.alias_size_in_bytes
+    report.temp_bytes = memory.temp_size_in_bytes
+    report.bytes_per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    report.fits = report.bytes_per_device <= report.hbm_bytes_per_device
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX returned one dict per program
+    # XLA counts a loop body once; the accumulation loop runs accumulate_steps times (the optimizer update,
+    # outside the loop, is then overcounted, by ~10 FLOPs per parameter against 6 per parameter per token).
+    flops = float(cost["flops"]) * report.accumulate_steps if cost and "flops" in cost else None
+    report.flops_per_device = flops
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@user_errors_exit
+def run_aot(args: argparse.Namespace) -> int:
+    """``icot aot CONFIG [key=value ...] --topology SLICE``."""
+    from icot_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    report = compile_train_step(config, args.topology, config_name=args.config)
+    print(report.table())
+    print(report.to_json())
+    return 0 if report.fits else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``icot aot``."""
+    p = subparsers.add_parser(
+        "aot", help="compile the train step for a TPU slice here and report per-chip memory",
+        description="Compile CONFIG's train step (model, batch, accumulation, dtypes, mesh) for a TPU slice "
+                    "with libtpu on this host and report per-chip memory, FLOPs and whether it fits. "
+                    "Needs jax[tpu]; no TPU and no weights. Exit status 0: fits; 1: does not fit.")
+    p.add_argument("config", help="YAML config file, e.g. configs/paper/gsm8k_mistral_7b_icot.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=2")
+    p.add_argument("--topology", required=True, help="TPU slice: v4-16, v5p-8, v5e-16, v6e-8, ...")
+    p.set_defaults(run=run_aot)
