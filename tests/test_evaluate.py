@@ -133,3 +133,26 @@ def test_tradeoff_command_writes_csv_and_png(hf_folder, data_file, tmp_path, cap
 def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):
     with pytest.raises(SystemExit, match="neither a training run directory"):
         run_cli(["eval", "--checkpoint", str(tmp_path), "--data", str(data_file)])
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_training_run(tmp_path, capsys):
+    """A few steps of the demo config, then `icot eval --n-remove K` on the run directory: its teacher-forced
+    loss is the loop's own validation loss at the same removal count."""
+    from icot_jax.config import load_config
+    from icot_jax.train.commands import DEMO_CONFIG
+    from icot_jax.train.logs import read_metrics
+    from icot_jax.train.loop import train
+
+    overrides = ["train.epochs=1", "train.pretrain_epochs=0", "data.generate_train=320", "data.generate_valid=40",
+                 f"run_dir={tmp_path / 'run'}"]
+    summary = train(load_config(DEMO_CONFIG, overrides), progress=False)
+    last = summary["last_eval"]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    removed = [r for r in records if "scheduled_to_remove" in r][-1]["scheduled_to_remove"]
+    # The demo config evaluates 100 prompts per batch with max_new_tokens 64: the same decoding here.
+    assert run_cli(["eval", "--checkpoint", summary["run_dir"], "--data", str(tmp_path / "run" / "data" / "valid.txt"),
+                    "--batch-size", "100", "--max-new-tokens", "64", "--n-remove", str(removed)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["teacher_forced_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert printed["accuracy"] == last["val_accuracy"] and printed["n_examples"] == 40
