@@ -73,7 +73,7 @@ class DecodeSettings:
     """Decode the first this-many tokens with a cache sized for them, then grow it to ``max_new_tokens``.
     Every step attends over the whole (fixed-shape) cache, so rows that finish early, like an internalized
     model's answer, would otherwise pay for ``max_new_tokens`` slots at every step. ``None``: one full-size
-    cache (half the program to compile)."""
+    cache (one loop body instead of two, about 0.6x the compile time)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
