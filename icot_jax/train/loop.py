@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
 
+from icot_jax import parallel
 from icot_jax.checkpoint import RunCheckpoints
 from icot_jax.config import Config, load_config, save_config
 from icot_jax.data.formats import read_examples
@@ -114,20 +115,23 @@ def _hf_config(config: Config, tokenizer: Any):
     return hf_config
 
 
-def build_model(config: Config, tokenizer: Any, run_dir: Path):
-    """The model to train (random init or HF weights); its HF config is saved to ``run_dir/model``."""
+def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.Setup, optimizer):
+    """``(graphdef, state)``: the initial train state (random init or HF weights), created directly in its
+    shards on ``setup``'s mesh. The model's HF config is saved to ``run_dir/model``."""
     from icot_jax.models import hf
 
-    m = config.model
+    m, seed = config.model, config.train.seed
     if m.from_scratch:
         hf_config = _hf_config(config, tokenizer)
-        model = hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=config.train.seed)
+        graphdef, state = setup.init_state(
+            lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=seed), optimizer, seed=seed)
     else:
-        model, hf_config = hf.load_pretrained(m.hf, dtype=m.dtype, param_dtype=m.param_dtype)
+        model, hf_config = setup.load_pretrained(m.hf, dtype=m.dtype, param_dtype=m.param_dtype)
+        graphdef, state = setup.state_from_model(model, optimizer, seed=seed)
     if hf_config.vocab_size < len(tokenizer):
         raise ValueError(f"model.hf: vocabulary of {hf_config.vocab_size} < tokenizer's {len(tokenizer)} tokens")
     hf_config.save_pretrained(str(run_dir / "model"))
-    return model, hf_config
+    return graphdef, state
 
 
 def load_run_model(run_dir: Path | str, which: str = "best"):
@@ -171,6 +175,7 @@ class Trainer:
     """What a run trains with: data, the compiled step, the initial state, curriculum and loader."""
 
     data: RunData
+    setup: parallel.Setup
     graphdef: Any
     step: TrainStep
     state: TrainState
@@ -181,17 +186,19 @@ class Trainer:
 def build_trainer(config: Config, run_dir: Path) -> Trainer:
     """Prepare data and model and build the train step and a fresh train state for ``config``."""
     t = config.train
+    setup = parallel.setup(config.mesh)
+    setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
+    setup.check_batch_size(config.eval.batch_size, "eval.batch_size")
     data = prepare_data(config, run_dir)
-    model, _ = build_model(config, data.tokenizer, run_dir)
-    graphdef, params, rest = split_model(model)
     optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    graphdef, state = build_state(config, data.tokenizer, run_dir, setup, optimizer)
     step = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
                                                      keep_position=t.keep_position,
-                                                     accumulate_steps=t.accumulate_steps))
-    return Trainer(data=data, graphdef=graphdef, step=step,
-                   state=init_train_state(params, rest, optimizer, seed=t.seed),
+                                                     accumulate_steps=t.accumulate_steps),
+                     state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
+    return Trainer(data=data, setup=setup, graphdef=graphdef, step=step, state=state,
                    curriculum=make_curriculum(config, len(data.train)),
-                   loader=BatchLoader(data.train, t.batch_size, seed=t.seed))
+                   loader=BatchLoader(data.train, t.batch_size, seed=t.seed, **setup.host_rows(t.batch_size)))
 
 
 def default_run_dir(config: Config) -> str:
@@ -212,12 +219,19 @@ def is_new_best(best_accuracy: float | None, accuracy: float, *, cot_left: bool)
     return cot_left or best_accuracy is None or accuracy > best_accuracy
 
 
-def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int) -> dict:
-    """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts."""
+def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int, *,
+                   setup: parallel.Setup | None = None) -> dict:
+    """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts.
+
+    Every host reads whole batches; with ``setup`` they are placed on its mesh (needed across hosts).
+    """
     loader = BatchLoader(data, batch_size, shuffle=False, process_index=0, process_count=1)
     totals = np.zeros(3)
     for batch in loader.iter_epoch(0):
-        out = step.evaluate(state, batch, n_remove_fn(batch_size))
+        n_remove = n_remove_fn(batch_size)
+        if setup is not None:
+            batch, n_remove = setup.put(batch, n_remove, whole=True)
+        out = step.evaluate(state, batch, n_remove)
         totals += [float(out["loss_sum"]), float(out["n_correct"]), float(out["n_target_tokens"])]
     loss = totals[0] / max(totals[2], 1)
     return {"val_loss": float(loss), "val_token_accuracy": float(totals[1] / max(totals[2], 1)),
@@ -285,6 +299,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     checkpoint exactly as if it had never stopped. SIGTERM saves a checkpoint and returns with
     ``summary["interrupted"] = True``. A non-finite loss raises :class:`TrainingDiverged`.
     """
+    parallel.initialize_distributed()  # before anything asks JAX about devices or processes
     if resume_dir is not None:
         run = RunDir(resume_dir)
         run.pull()
@@ -302,7 +317,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     writer = jax.process_index() == 0
     t = config.train
     trainer = build_trainer(config, run_dir)
-    data, graphdef, step_fn, state = trainer.data, trainer.graphdef, trainer.step, trainer.state
+    data, setup, graphdef, step_fn, state = trainer.data, trainer.setup, trainer.graphdef, trainer.step, trainer.state
     curriculum, loader = trainer.curriculum, trainer.loader
     del trainer  # the train step donates the state's buffers: keep no other reference
     global_loader = global_view(loader)
@@ -334,7 +349,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             return record
         record.update(teacher_forced(step_fn, state, data.valid,
                                      lambda b: curriculum.eval_n_remove(batch_index - 1, b),
-                                     config.eval.batch_size))
+                                     config.eval.batch_size, setup=setup))
         eval_model = nnx_merge(graphdef, state)
         record.update(generation_metrics(evaluators["val"], eval_model, "val"))
         if is_new_best(meta["best_accuracy"], record["val_accuracy"], cot_left=meta["prev_cot_left"]):
@@ -360,7 +375,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             skipped = t.max_len_train is not None and plan.batch_length > t.max_len_train
             metrics = None
             if not skipped:
-                state, metrics = step_fn(state, batch, n_remove)
+                state, metrics = step_fn(state, *setup.put(batch, n_remove))
             meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
             end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
             logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
