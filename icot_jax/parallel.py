@@ -224,15 +224,18 @@ def process_rows(sharding: jax.sharding.Sharding, global_rows: int) -> tuple[int
     return first // count, global_rows // count
 
 
-def put_batch(batch: Mapping[str, np.ndarray], n_remove: np.ndarray,
-              sharding: jax.sharding.Sharding) -> tuple[dict[str, jax.Array], jax.Array]:
+def put_batch(batch: Mapping[str, np.ndarray], n_remove: np.ndarray, sharding: jax.sharding.Sharding, *,
+              whole: bool = False) -> tuple[dict[str, jax.Array], jax.Array]:
     """Global device arrays from this host's rows of a batch and of ``n_remove``.
 
-    Every host passes only its own rows (see :func:`process_rows`); ``jax.make_array_from_process_local_data``
-    stitches them into arrays of the global batch size sharded by ``sharding``.
+    Every host passes only its own rows (see :func:`process_rows`), and
+    ``jax.make_array_from_process_local_data`` stitches them into arrays of the global batch size sharded
+    by ``sharding``. With ``whole=True`` every host passes the entire (identical) batch instead, as
+    evaluation does, and keeps the rows its devices hold.
     """
-    local = {key: np.asarray(value) for key, value in batch.items()}
-    arrays = jax.make_array_from_process_local_data(sharding, {**local, "n_remove": np.asarray(n_remove)})
+    arrays = {key: np.asarray(value) for key, value in batch.items()} | {"n_remove": np.asarray(n_remove)}
+    shapes = {key: value.shape for key, value in arrays.items()} if whole else None
+    arrays = jax.make_array_from_process_local_data(sharding, arrays, shapes)
     n_remove = arrays.pop("n_remove")
     return arrays, n_remove
 
@@ -274,9 +277,10 @@ class Setup:
         block, count = process_rows(self.batch_sharding, global_rows)
         return {"process_index": block, "process_count": count}
 
-    def put(self, batch: Mapping[str, np.ndarray], n_remove: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
+    def put(self, batch: Mapping[str, np.ndarray], n_remove: np.ndarray, *,
+            whole: bool = False) -> tuple[dict[str, jax.Array], jax.Array]:
         """:func:`put_batch` with :attr:`batch_sharding`."""
-        return put_batch(batch, n_remove, self.batch_sharding)
+        return put_batch(batch, n_remove, self.batch_sharding, whole=whole)
 
     def abstract_state(self, model_factory: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                        *, seed: int) -> tuple[nnx.GraphDef, TrainState]:

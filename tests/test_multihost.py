@@ -53,6 +53,11 @@ def worker(process_id: str, port: str, out_dir: str) -> None:
         state, loss = train_step(state, i)
         losses.append(loss)
     checkpoints.wait()
+    # Evaluation feeds every host the whole batch; the arrays must equal the ones built from host rows.
+    batch, n_remove = synthetic_batch(0)
+    from_rows = step.evaluate(state, *setup.put({k: v[mine] for k, v in batch.items()}, n_remove[mine]))
+    from_whole = step.evaluate(state, *setup.put(batch, n_remove, whole=True))
+    assert float(from_rows["loss"]) == float(from_whole["loss"])
     restored, meta = checkpoints.restore(state, step=CHECKPOINT_AT)
     _, resumed_loss = train_step(restored, meta["batch_index"])
     checkpoints.close()
