@@ -25,13 +25,13 @@ import math
 import os
 import re
 import time
-from typing import Any
-
-import jax
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from icot_jax.cli import user_errors_exit
 from icot_jax.config import Config
+
+if TYPE_CHECKING:
+    import jax
 
 GiB = 2**30
 
@@ -253,6 +253,9 @@ def seq_len(config: Config) -> int:
 
 def abstract_batch(batch_size: int, length: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a batch and its ``n_remove`` (the keys and dtypes the train step reads)."""
+    import jax
+    import numpy as np
+
     from icot_jax.train.step import BATCH_KEYS
 
     shapes = {"input_ids": (batch_size, length), "seps": (batch_size, 3), "example_mask": (batch_size,)}
@@ -262,6 +265,8 @@ def abstract_batch(batch_size: int, length: int) -> tuple[dict[str, jax.ShapeDty
 
 def compile_train_step(config: Config, slice_name: str, *, config_name: str = "") -> AotReport:
     """Compile ``config``'s train step for the TPU slice ``slice_name`` and measure it (see module docs)."""
+    import jax
+
     from icot_jax import parallel
     from icot_jax.models import hf
     from icot_jax.train.step import StepConfig, TrainStep, make_optimizer
