@@ -129,6 +129,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_data_parser,
     _commands_of("icot_jax.train.commands"),  # train, demo, export-hf
     _commands_of("icot_jax.evaluate"),  # eval, generate, tradeoff
+    _commands_of("icot_jax.aot"),  # aot
 ]
 
 

@@ -85,3 +85,10 @@ def test_a_step_that_cannot_fit_is_reported(tmp_path, capsys):
     status, report = _run(tmp_path, capsys, {**TINY, "vocab_size": 20_000_000}, "v5e-1")
     assert status == 1
     assert report["fits"] is False
+
+
+def test_icot_aot_is_a_subcommand_and_names_a_bad_topology(tmp_path, capsys):
+    from icot_jax.cli import main
+
+    with pytest.raises(SystemExit, match="icot aot: error: .*v5e-12"):
+        main(["aot", "configs/paper/gsm8k_mistral_7b_icot.yaml", "--topology", "v5e-12"])
