@@ -215,6 +215,8 @@ class AotReport:
     model_flops_per_device: float | None = None
     """``6 · num_params · tokens / chips``: the usual estimate of a dense train step (no attention)."""
     compile_seconds: float | None = None
+    scan_layers: bool = False
+    """``mesh.scan_layers``: the blocks compiled as one ``jax.lax.scan`` body."""
     error: str | None = None
     """The compiler's message when it ran out of memory."""
 
@@ -229,7 +231,8 @@ class AotReport:
         rows = [("topology", f"{self.topology} ({math.prod(self.mesh.values())} chips, mesh {self.mesh})"),
                 ("config", self.config),
                 ("step", f"batch {self.batch_size} × length {self.seq_len}, accumulate {self.accumulate_steps}, "
-                         f"remat {self.remat}, {self.num_params / 1e9:.3f} B parameters"),
+                         f"remat {self.remat}, {'scanned' if self.scan_layers else 'unrolled'} layers, "
+                         f"{self.num_params / 1e9:.3f} B parameters"),
                 ("arguments", gib(self.argument_bytes)), ("outputs", gib(self.output_bytes)),
                 ("aliased (donated)", gib(self.alias_bytes)), ("temporaries", gib(self.temp_bytes)),
                 ("total per chip", gib(self.bytes_per_device)), ("HBM per chip", gib(self.hbm_bytes_per_device)),
@@ -289,7 +292,7 @@ def compile_train_step(config: Config, slice_name: str, *, config_name: str = ""
     report = AotReport(
         topology=tpu.name, config=config_name or config.name, mesh=dict(setup.mesh.shape), batch_size=t.batch_size,
         seq_len=length, accumulate_steps=t.accumulate_steps, remat=config.mesh.remat, num_params=num_params,
-        hbm_bytes_per_device=tpu.generation.hbm_bytes, fits=False,
+        hbm_bytes_per_device=tpu.generation.hbm_bytes, fits=False, scan_layers=config.mesh.scan_layers,
         model_flops_per_device=6 * num_params * t.batch_size * length / tpu.chips)
     start = time.perf_counter()
     try:

@@ -133,7 +133,10 @@ class MeshConfig:
     remat: str = "none"
     """Activation rematerialisation: ``none``, ``full`` (recompute each block) or ``dots`` (save matmuls)."""
     scan_layers: bool = False
-    """Run the transformer blocks under ``nnx.scan`` (one compiled block; faster compiles for deep models)."""
+    """Run the transformer blocks under one ``jax.lax.scan`` in the training/evaluation forward pass: one
+    compiled block instead of ``num_layers``. Parameter paths (checkpoints, Hugging Face key maps, sharding)
+    are unchanged: the per-block parameters are stacked inside the step. KV-cached decoding is not scanned.
+    Composes with ``remat``. See ``docs/scaling.md``."""
 
 
 @dataclasses.dataclass

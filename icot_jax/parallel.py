@@ -251,6 +251,9 @@ class Setup:
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(LOGICAL_RULES))
     remat: str = "none"
     """Rematerialisation policy of the transformer blocks (``mesh.remat``, see :func:`apply_remat`)."""
+    scan_layers: bool = False
+    """Run the transformer blocks under one ``jax.lax.scan`` (``mesh.scan_layers``, see
+    :meth:`~icot_jax.models.CausalLM.set_scan_layers`)."""
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -282,13 +285,21 @@ class Setup:
         """:func:`put_batch` with :attr:`batch_sharding`."""
         return put_batch(batch, n_remove, self.batch_sharding, whole=whole)
 
+    def configure_model(self, model: nnx.Module) -> nnx.Module:
+        """``model`` with this setup's :attr:`remat` and :attr:`scan_layers` applied (in place; returned).
+
+        Neither changes a parameter or its path, only the model's graphdef, so checkpoints, Hugging Face
+        key maps and sharding rules are unaffected.
+        """
+        return apply_remat(model, self.remat).set_scan_layers(self.scan_layers)
+
     def abstract_state(self, model_factory: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                        *, seed: int) -> tuple[nnx.GraphDef, TrainState]:
         """``(graphdef, state)`` with ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated.
 
-        The graphdef carries the remat policy (see :func:`apply_remat`).
+        The graphdef carries the remat policy and layer scanning (see :meth:`configure_model`).
         """
-        model = apply_remat(nnx.eval_shape(model_factory), self.remat)
+        model = self.configure_model(nnx.eval_shape(model_factory))
         graphdef, params, rest = split_model(model)
         return graphdef, jax.eval_shape(lambda p, r: init_train_state(p, r, optimizer, seed=seed), params, rest)
 
@@ -315,7 +326,7 @@ class Setup:
         Parameters are resharded to the rules if needed and donated: the model must not be used afterwards.
         The optimizer state is created directly in its shards.
         """
-        graphdef, params, rest = split_model(apply_remat(model, self.remat))
+        graphdef, params, rest = split_model(self.configure_model(model))
 
         def init(params, rest):
             return init_train_state(params, rest, optimizer, seed=seed)
@@ -342,10 +353,7 @@ class Setup:
 
 def setup(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Setup:
     """The :class:`Setup` of ``config.mesh`` over ``devices`` (default: every device of every host)."""
-    if config.scan_layers:
-        raise NotImplementedError("mesh.scan_layers: true is not supported yet (the models keep one parameter "
-                                  "tree per block, as Hugging Face checkpoints do); set mesh.scan_layers: false")
-    return Setup(make_mesh(config, devices), remat=config.remat)
+    return Setup(make_mesh(config, devices), remat=config.remat, scan_layers=config.scan_layers)
 
 
 # ------------------------------------------------------------------------------------------ multi-host

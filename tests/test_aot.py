@@ -52,14 +52,14 @@ def test_paper_models_resolve_offline():
     assert (phi3.model_type, phi3.vocab_size, phi3.num_hidden_layers) == ("phi3", 32064, 2)
 
 
-def _run(tmp_path, capsys, model: dict, topology: str) -> tuple[int, dict]:
+def _run(tmp_path, capsys, model: dict, topology: str, *overrides: str) -> tuple[int, dict]:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({"model": {"hf": "gpt2", "overrides": model},
                                     "data": {"train": "unused.txt", "max_length": 32},
                                     "train": {"batch_size": 8, "accumulate_steps": 2}}))
     parser = argparse.ArgumentParser()
     aot.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["aot", str(path), "mesh.remat=dots", "--topology", topology])
+    args = parser.parse_args(["aot", str(path), "mesh.remat=dots", *overrides, "--topology", topology])
     status = args.run(args)
     return status, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -77,6 +77,13 @@ def test_compiles_a_tiny_model_for_a_tpu_slice(tmp_path, capsys):
     params_and_moments = 3 * 4 * report["num_params"] / 4  # fp32 params, mu, nu sharded over 4 chips
     assert params_and_moments <= report["argument_bytes"] <= report["bytes_per_device"] < report["hbm_bytes_per_device"]
     assert 0.5 < report["flops_per_device"] / report["model_flops_per_device"] < 2
+
+
+@needs_libtpu
+def test_compiles_scanned_layers_for_a_tpu_slice(tmp_path, capsys):
+    status, report = _run(tmp_path, capsys, {**TINY, "n_layer": 2}, "v5e-4", "mesh.scan_layers=true")
+    assert status == 0 and report["fits"] is True
+    assert report["scan_layers"] is True and report["remat"] == "dots"
 
 
 @needs_libtpu

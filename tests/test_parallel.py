@@ -126,9 +126,8 @@ def test_unknown_logical_axis_is_an_error():
         parallel.mesh_spec(("experts", "embed"), (8, 64), AbstractMesh((1, 1, 1), parallel.MESH_AXES))
 
 
-def test_scan_layers_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="mesh.scan_layers"):
-        parallel.setup(MeshConfig(scan_layers=True))
+def test_scan_layers_reaches_the_setup():
+    assert parallel.setup(MeshConfig(scan_layers=True)).scan_layers  # tests/test_scan_layers.py checks the math
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -201,6 +200,7 @@ EXPECTED_SPECS = {  # declared rules on the tiny GPT-2 (vocab 101, hidden 32, 4 
         "final_norm.scale": P(None),
     },
 }
+SCANNED_SHAPES = [(1, 2, 4)]  # mesh.scan_layers: stacked parameters keep their per-layer shardings
 STEPS = 3
 
 
@@ -208,9 +208,9 @@ def _dotted(path) -> str:
     return jax.tree_util.keystr(tuple(path), simple=True, separator=".").removesuffix(".value")
 
 
-def sharded_run(data: int, fsdp: int, tensor: int) -> dict:
+def sharded_run(data: int, fsdp: int, tensor: int, scan_layers: bool = False) -> dict:
     """Train on a (data, fsdp, tensor) mesh of the 8 devices; return losses and the parameters' specs."""
-    setup = parallel.setup(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    setup = parallel.setup(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, scan_layers=scan_layers))
     from icot_jax.train.step import make_optimizer
 
     graphdef, state = setup.init_state(make_model, make_optimizer(1e-2), seed=0)
@@ -265,7 +265,8 @@ def nnx_params(model):
 def eight_device_worker() -> dict:
     assert jax.device_count() == 8, jax.devices()
     return {"reference": single_device_losses(STEPS), "pretrained": sharded_pretrained_load(),
-            **{str(shape): sharded_run(*shape) for shape in EXPECTED_SPECS}}
+            **{str(shape): sharded_run(*shape) for shape in EXPECTED_SPECS},
+            **{f"scan {shape}": sharded_run(*shape, scan_layers=True) for shape in SCANNED_SHAPES}}
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +283,14 @@ def test_sharded_training_matches_single_device(eight_devices, shape):
     run = eight_devices[str(shape)]
     np.testing.assert_allclose(run["losses"], eight_devices["reference"], rtol=1e-5)
     assert run["compiles"] == 1
+
+
+@pytest.mark.parametrize("shape", SCANNED_SHAPES)
+def test_sharded_scanned_training_matches_single_device(eight_devices, shape):
+    run = eight_devices[f"scan {shape}"]
+    np.testing.assert_allclose(run["losses"], eight_devices["reference"], rtol=1e-5)
+    assert run["compiles"] == 1
+    assert run["specs"] == eight_devices[str(shape)]["specs"] and run["mismatched"] == []
 
 
 @pytest.mark.parametrize("shape", list(EXPECTED_SPECS))

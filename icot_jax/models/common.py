@@ -240,6 +240,35 @@ class CausalLM(nnx.Module):
     ``block(x, position_ids, mask, layer_cache, cache_index, dropout_key) -> (x, layer_cache)``.
     """
 
+    scan_layers: bool = False
+    """Run the blocks under one ``jax.lax.scan`` when there is no KV cache (see :meth:`set_scan_layers`)."""
+
+    def set_scan_layers(self, enabled: bool = True) -> CausalLM:
+        """Run the transformer blocks under one ``jax.lax.scan`` (``mesh.scan_layers``); returns the model.
+
+        The compiler then sees one block instead of ``num_layers``, which shortens compiles of deep models.
+        Parameters keep their paths (one subtree per block, as in Hugging Face checkpoints): each forward
+        pass stacks the blocks' parameters into ``[num_layers, ...]`` arrays and scans over them, with the
+        same per-layer dropout keys as the Python loop, so the results are the same. Decoding with a KV
+        cache keeps the loop. The flag is a static attribute, so it travels in the model's graphdef.
+
+        Raises ``ValueError`` if the blocks differ in a static attribute (they must share one graph).
+        """
+        if enabled:
+            self._block_graphdef()
+        self.scan_layers = enabled
+        return self
+
+    def _block_graphdef(self) -> nnx.GraphDef:
+        """The graphdef every block shares; an error if one block's differs (then they cannot be scanned)."""
+        graphdefs = [nnx.graphdef(block) for block in self.blocks]
+        for index, graphdef in enumerate(graphdefs[1:], start=1):
+            if graphdef != graphdefs[0]:
+                raise ValueError(f"mesh.scan_layers: block {index} of this {type(self).__name__} differs from "
+                                 f"block 0 in a static attribute, so the blocks cannot run as one scanned graph; "
+                                 f"set mesh.scan_layers: false")
+        return graphdefs[0]
+
     def __call__(self, input_ids: jax.Array, position_ids: jax.Array, attention_mask: jax.Array, *,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits ``float32[B, L, V]`` for ``input_ids int[B, L]``.
@@ -281,12 +310,33 @@ class CausalLM(nnx.Module):
     def _forward(self, input_ids, position_ids, mask, layer_caches, cache_index, dropout_key):
         keys = split_key(dropout_key, len(self.blocks) + 1)
         x = self.embed_inputs(input_ids, position_ids, keys[0])
-        layer_caches = layer_caches or [None] * len(self.blocks)
-        new_caches = []
-        for block, layer_cache, key in zip(self.blocks, layer_caches, keys[1:]):
-            x, layer_cache = block(x, position_ids, mask, layer_cache, cache_index, key)
-            new_caches.append(layer_cache)
+        if self.scan_layers and layer_caches is None:
+            x = self._scan_blocks(x, position_ids, mask, keys[1:])
+            new_caches = [None] * len(self.blocks)
+        else:
+            layer_caches = layer_caches or [None] * len(self.blocks)
+            new_caches = []
+            for block, layer_cache, key in zip(self.blocks, layer_caches, keys[1:]):
+                x, layer_cache = block(x, position_ids, mask, layer_cache, cache_index, key)
+                new_caches.append(layer_cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits, new_caches
 
+    def _scan_blocks(self, x, position_ids, mask, keys):
+        """``x`` through every block as one ``jax.lax.scan`` over their stacked states (no KV cache).
+
+        Stacking copies the blocks' parameters once per forward pass (and the gradients once back); a
+        rematerialised block (``parallel.apply_remat``) stays rematerialised, since the scanned body calls it.
+        """
+        graphdef = self._block_graphdef()
+        stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(block) for block in self.blocks))
+        stacked_keys = None if keys[0] is None else jnp.stack(keys)
+
+        def body(x, layer):
+            state, key = layer
+            x, _ = nnx.merge(graphdef, state)(x, position_ids, mask, None, None, key)
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (stacked, stacked_keys))
+        return x

@@ -144,6 +144,14 @@ class GPT2LM(CausalLM):
                         Dense((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), use_bias=False,
                               out_dtype=jnp.float32, **common))
 
+    def set_scan_layers(self, enabled: bool = True) -> GPT2LM:
+        """:meth:`CausalLM.set_scan_layers`; refused with ``scale_attn_by_inverse_layer_idx`` (its blocks differ)."""
+        if enabled and self.config.scale_attn_by_inverse_layer_idx:
+            raise ValueError("mesh.scan_layers: this GPT-2 has scale_attn_by_inverse_layer_idx, which gives every "
+                             "block its own attention scale (a static attribute), so the blocks cannot run as one "
+                             "scanned graph; set mesh.scan_layers: false")
+        return super().set_scan_layers(enabled)
+
     def embed_inputs(self, input_ids, position_ids, dropout_key):
         x = self.embed(input_ids) + self.pos_embed(position_ids)
         return dropout(x, self.config.embd_dropout, dropout_key)
