@@ -272,19 +272,20 @@ def compile_train_step(config: Config, slice_name: str, *, config_name: str = ""
 
     from icot_jax import parallel
     from icot_jax.models import hf
-    from icot_jax.train.step import StepConfig, TrainStep, make_optimizer
+    from icot_jax.train.step import StepConfig, TrainStep, optimizer_for
 
     tpu = tpu_slice(slice_name)
     setup = parallel.setup(config.mesh, tpu.devices())
     t, m = config.train, config.model
     setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
     hf_config = model_hf_config(config)
-    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    optimizer = optimizer_for(t)
     graphdef, state = setup.abstract_state(
         lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype), optimizer, seed=t.seed)
     pad_id = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else 0
     step = TrainStep(graphdef, optimizer, StepConfig(pad_id=pad_id, side=t.removal_side,
                                                      keep_position=t.keep_position,
+                                                     random_position_shift=t.random_position_shift,
                                                      accumulate_steps=t.accumulate_steps),
                      state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
     length = seq_len(config)

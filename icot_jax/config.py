@@ -95,7 +95,13 @@ class TrainConfig:
     remove_start_from: int = 0
     remove_all_when_remove_beyond: float = math.inf
     reset_optimizer: bool = True
+    warmup_steps: int = 0
+    """Linear LR warm-up over this many updates, restarted by every optimizer reset (0: the reference's
+    constant LR; not in the reference)."""
     keep_position: bool = False
+    random_position_shift: int = 0
+    """Training only: shift each example's position ids by a random offset in [0, N] (not in the
+    reference; helps small from-scratch models with learned positions survive removal). 0: off."""
     max_len_train: int | None = None
     """Skip a batch whose post-removal length exceeds this [max_len_train]."""
     seed: int = 1234
@@ -286,6 +292,11 @@ def validate(config: Config, where: str = "config") -> Config:
             f"{where}: train.batch_size ({config.train.batch_size}) must be divisible by "
             f"train.accumulate_steps ({config.train.accumulate_steps})"
         )
+    if config.train.random_position_shift < 0:
+        raise ConfigError(f"{where}: key 'train.random_position_shift' must be >= 0, got "
+                          f"{config.train.random_position_shift}")
+    if config.train.warmup_steps < 0:
+        raise ConfigError(f"{where}: key 'train.warmup_steps' must be >= 0, got {config.train.warmup_steps}")
     if config.train.remove_per_epoch <= 0:
         raise ConfigError(f"{where}: key 'train.remove_per_epoch' must be > 0")
     if config.train.removal_smoothing_lambda <= 0:

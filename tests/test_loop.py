@@ -160,6 +160,14 @@ def test_config_errors_name_file_and_key(tmp_path):
         load_config(loop)
 
 
+def test_position_shift_must_fit_the_position_table(tmp_path):
+    config = load_config(DEMO_CONFIG, [*TINY, "train.random_position_shift=40", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"random_position_shift=40 need \d+ positions; the model has 32"):
+        train(config, progress=False)
+    with pytest.raises(ConfigError, match=r"'train.warmup_steps' must be >= 0"):
+        load_config(DEMO_CONFIG, ["train.warmup_steps=-1"])
+
+
 def test_resume_refuses_a_config(tmp_path):
     from icot_jax.cli import main
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from icot_jax.models.hf import from_config
 from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, removed_counts
-from icot_jax.train.step import StepConfig, TrainStep, init_train_state, make_optimizer, split_model
+from icot_jax.train.step import StepConfig, TrainStep, init_train_state, make_optimizer, shift_positions, split_model
 
 VOCAB, EOS = 20, 0
 
@@ -255,3 +255,32 @@ def test_bad_batches_are_named():
         step.evaluate(state, batch, np.zeros(5, np.int32))
     with pytest.raises(ValueError, match="accumulate_steps=3"):
         step(state, batch, np.zeros(4, np.int32))
+
+
+def test_warmup_ramps_the_lr_and_restarts_after_an_optimizer_reset():
+    optimizer = make_optimizer(0.1, weight_decay=0.0, max_grad_norm=1e9, warmup_steps=4)
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.ones(3)}
+
+    def sizes(opt_state, n):
+        out = []
+        for _ in range(n):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            out.append(float(jnp.abs(updates["w"][0])))
+        return out
+
+    ramp = sizes(optimizer.init(params), 6)
+    np.testing.assert_allclose(ramp, [0.0, 0.025, 0.05, 0.075, 0.1, 0.1], rtol=1e-4)  # Adam: g/(|g|+eps)
+    assert sizes(optimizer.init(params), 2) == ramp[:2]  # a reset is a fresh state: the ramp starts again
+    with pytest.raises(ValueError, match="warmup_steps"):
+        make_optimizer(0.1, warmup_steps=-1)
+
+
+def test_random_position_shift_moves_whole_rows_within_bounds():
+    positions = jnp.tile(jnp.arange(10, dtype=jnp.int32), (64, 1))
+    shifted = shift_positions(positions, 7, jax.random.PRNGKey(3))
+    offsets = np.asarray(shifted - positions)
+    assert (offsets == offsets[:, :1]).all()  # one offset per row: relative positions are unchanged
+    assert offsets.min() == 0 and offsets.max() == 7 and len(np.unique(offsets[:, 0])) == 8
+    again = shift_positions(positions, 7, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(shifted, again)  # a pure function of the step's key (exact resume)

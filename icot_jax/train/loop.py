@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
 from tqdm.auto import tqdm
 
 from icot_jax import parallel
@@ -35,7 +36,7 @@ from icot_jax.generate import DecodeSettings, GenerationEvaluator
 from icot_jax.removal import Curriculum, Schedule
 from icot_jax.rundir import RunDir
 from icot_jax.train.logs import MetricsLog, plot_run
-from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, make_optimizer, split_model
+from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, optimizer_for, split_model
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,7 +138,6 @@ def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.S
 def load_run_model(run_dir: Path | str, which: str = "best"):
     """``(model, tokenizer, config)`` of a training run, with the ``best`` or ``latest`` weights."""
     import transformers
-    from flax import nnx
 
     from icot_jax.models import hf
 
@@ -153,7 +153,7 @@ def load_run_model(run_dir: Path | str, which: str = "best"):
     if which == "best" and checkpoints.best.latest_step() is not None:
         params, _ = checkpoints.restore_best(params)
     else:
-        optimizer = make_optimizer(config.train.lr)
+        optimizer = optimizer_for(config.train)
         state_like = jax.eval_shape(lambda: init_train_state(params, rest, optimizer, seed=0))
         params = checkpoints.restore(state_like)[0].params
     checkpoints.close()
@@ -183,6 +183,15 @@ class Trainer:
     loader: BatchLoader
 
 
+def _check_position_table(model_config: Any, width: int, shift: int) -> None:
+    """A learned position table must hold the longest training row plus ``train.random_position_shift``
+    (JAX clamps out-of-range gathers silently)."""
+    n_positions = getattr(model_config, "n_positions", None)
+    if n_positions is not None and width + shift > n_positions:
+        raise ValueError(f"training rows of {width} tokens shifted by up to train.random_position_shift={shift} "
+                         f"need {width + shift} positions; the model has {n_positions} (model.overrides.n_positions)")
+
+
 def build_trainer(config: Config, run_dir: Path) -> Trainer:
     """Prepare data and model and build the train step and a fresh train state for ``config``."""
     t = config.train
@@ -190,11 +199,14 @@ def build_trainer(config: Config, run_dir: Path) -> Trainer:
     setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
     setup.check_batch_size(config.eval.batch_size, "eval.batch_size")
     data = prepare_data(config, run_dir)
-    optimizer = make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    optimizer = optimizer_for(t)
     graphdef, state = build_state(config, data.tokenizer, run_dir, setup, optimizer)
+    _check_position_table(nnx.merge(graphdef, state.params, state.rest).config, data.train.buckets[-1],
+                          t.random_position_shift)
     step = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
                                                      keep_position=t.keep_position,
-                                                     accumulate_steps=t.accumulate_steps),
+                                                     accumulate_steps=t.accumulate_steps,
+                                                     random_position_shift=t.random_position_shift),
                      state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
     return Trainer(data=data, setup=setup, graphdef=graphdef, step=step, state=state,
                    curriculum=make_curriculum(config, len(data.train)),

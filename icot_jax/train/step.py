@@ -25,17 +25,33 @@ BATCH_KEYS = {"input_ids": np.int32, "seps": np.int32, "example_mask": np.bool_}
 
 
 def make_optimizer(learning_rate: float, *, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+                   eps: float = 1e-8, max_grad_norm: float = 1.0, warmup_steps: int = 0) -> optax.GradientTransformation:
     """The reference optimizer: global-norm clipping, then AdamW with torch's defaults and a constant LR.
 
     Weight decay applies to every parameter (biases and norms included), as ``torch.optim.AdamW`` does
     on the reference's ``model.parameters()``. Moments take the parameters' dtype, so pure-bf16
     parameters get bf16 optimizer state like the reference's ``--bf16``.
+
+    ``warmup_steps > 0`` (not in the reference) ramps the LR linearly from 0 over that many updates. The
+    ramp's counter lives in the optimizer state, so every optimizer reset restarts it: the first,
+    bias-corrected Adam updates after a reset (each about ``learning_rate`` per parameter, whatever the
+    gradient's size) are damped, which matters at the high LRs that small from-scratch models use.
     """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    lr = learning_rate if warmup_steps == 0 else optax.linear_schedule(0.0, learning_rate, warmup_steps)
     return optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     )
+
+
+def optimizer_for(train_config) -> optax.GradientTransformation:
+    """:func:`make_optimizer` with a config's ``train`` section (``lr``, ``weight_decay``, ``max_grad_norm``,
+    ``warmup_steps``)."""
+    t = train_config
+    return make_optimizer(t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                          warmup_steps=t.warmup_steps)
 
 
 @flax.struct.dataclass
@@ -89,6 +105,11 @@ class StepConfig:
     """Kept tokens keep their original position ids (not used in the paper)."""
     accumulate_steps: int = 1
     """Micro-batches per update: the batch of ``B`` rows is processed as ``A`` slices of ``B / A`` rows."""
+    random_position_shift: int = 0
+    """Training only (not in the reference): add a random offset in ``[0, random_position_shift]``, drawn
+    per example from (rng, step), to every position id, so that a model cannot tie what it computes to
+    absolute positions. Evaluation and generation start at position 0, as without it. The position table
+    must hold ``max_length + random_position_shift`` positions."""
 
 
 class TrainStep:
@@ -160,6 +181,9 @@ class TrainStep:
     def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array) -> tuple[TrainState, dict]:
         self._traces += 1  # Python side effect: runs once per trace, never per call
         inputs, stats = self._prepare(batch, n_remove)
+        if self.config.random_position_shift:
+            inputs["position_ids"] = shift_positions(inputs["position_ids"], self.config.random_position_shift,
+                                                     jax.random.fold_in(state.rng, state.step))
         n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
         inv_tokens = 1.0 / jnp.maximum(n_tokens, 1).astype(jnp.float32)
         grads, loss_sum, n_correct = self._accumulate_gradients(state, inputs, inv_tokens)
@@ -213,6 +237,18 @@ class TrainStep:
 
     def _reset_optimizer(self, state: TrainState) -> TrainState:
         return state.replace(opt_state=self.optimizer.init(state.params))
+
+
+POSITION_SHIFT_STREAM = 0x5F3759DF
+"""``fold_in`` data that separates the position-shift draws from the dropout keys of the same step."""
+
+
+def shift_positions(position_ids: jax.Array, max_shift: int, step_key: jax.Array) -> jax.Array:
+    """``position_ids`` with one random offset in ``[0, max_shift]`` per row added (``step_key``: the
+    step's key, ``fold_in(rng, step)``)."""
+    key = jax.random.fold_in(step_key, POSITION_SHIFT_STREAM)
+    offsets = jax.random.randint(key, (position_ids.shape[0], 1), 0, max_shift + 1, dtype=position_ids.dtype)
+    return position_ids + offsets
 
 
 def _select(batch: Mapping[str, Any], n_remove: Any) -> dict:
