@@ -20,10 +20,19 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from icot_jax.rundir import is_remote
+
 
 def _manager(directory: Path | str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory, options=options)
+
+
+def _directory(run_dir: Path | str) -> str:
+    """``run_dir`` as orbax needs it: a URL as given, a local path made absolute (orbax refuses relative
+    paths when it finalizes a save)."""
+    text = str(run_dir)
+    return text if is_remote(text) else str(Path(text).absolute())
 
 
 def abstract_like(tree: Any) -> Any:
@@ -35,7 +44,7 @@ class RunCheckpoints:
     """The checkpoints of one run: ``latest`` (full state, last ``keep``) and ``best`` (params only)."""
 
     def __init__(self, run_dir: Path | str, *, keep: int):
-        run_dir = str(run_dir)
+        run_dir = _directory(run_dir)
         self.latest = _manager(f"{run_dir}/checkpoints", keep)
         self.best = _manager(f"{run_dir}/best", 1)
 
@@ -92,7 +101,7 @@ class RunCheckpoints:
 
 def read_meta(run_dir: Path | str, which: str = "checkpoints") -> dict:
     """The JSON metadata of the newest checkpoint in ``run_dir/<which>`` without loading arrays."""
-    manager = ocp.CheckpointManager(f"{run_dir}/{which}", options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(f"{_directory(run_dir)}/{which}", options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{run_dir}/{which}: no checkpoint")

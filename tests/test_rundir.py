@@ -49,3 +49,22 @@ def test_pull_restores_a_fresh_mirror(tmp_path):
     assert (run.local / "config.yaml").read_text() == "name: x\n"
     with pytest.raises(FileNotFoundError, match="run directory not found"):
         RunDir(tmp_path / "missing", mirror_root=tmp_path / "mirrors").pull()
+
+
+def test_checkpoints_under_a_relative_run_dir(tmp_path, monkeypatch):
+    """`run_dir=runs/x` (relative, as users type it): orbax needs absolute paths to finalize saves."""
+    import jax.numpy as jnp
+
+    from icot_jax.checkpoint import RunCheckpoints, read_meta
+
+    monkeypatch.chdir(tmp_path)
+    checkpoints = RunCheckpoints("runs/rel", keep=1)
+    params = {"w": jnp.arange(3.0)}
+    checkpoints.save(1, {"params": params}, {"batch_index": 1})
+    checkpoints.save_best(1, params, {"val_accuracy": 0.5})
+    checkpoints.wait()
+    restored, meta = checkpoints.restore_best(params)
+    checkpoints.close()
+    assert meta == {"val_accuracy": 0.5} and restored["w"].tolist() == [0.0, 1.0, 2.0]
+    assert read_meta("runs/rel")["batch_index"] == 1
+    assert (tmp_path / "runs" / "rel" / "best" / "1").is_dir()
