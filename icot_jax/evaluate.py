@@ -159,21 +159,48 @@ def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remov
             **{key.replace("val_", "teacher_forced_"): value for key, value in metrics.items()}}
 
 
+def trained_with_keep_position(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint's training run kept removed tokens' positions (``train.keep_position``)."""
+    return checkpoint.run_config is not None and checkpoint.run_config.train.keep_position
+
+
+def parse_position_gap(text: str) -> str | int:
+    """``auto`` or a non-negative number of positions."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of positions, got {text!r}")
+    return int(text)
+
+
 def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int = 32,
-                        max_new_tokens: int = 800, n_remove: int | None = None, progress: bool = True
-                        ) -> tuple[GenerationResult, dict]:
+                        max_new_tokens: int = 800, n_remove: int | None = None, progress: bool = True,
+                        position_gap: str | int = "auto") -> tuple[GenerationResult, dict]:
     """Generation accuracy and speed (and, with ``n_remove``, teacher-forced metrics) of a checkpoint.
 
+    ``position_gap``: positions skipped between prompt and generated tokens (see
+    :func:`icot_jax.generate.keep_position_gaps`). ``"auto"``: none, unless the run was trained with
+    ``train.keep_position``; then each example's CoT length as read from ``examples`` (the model is taken
+    to be fully internalized), or ``min(n_remove, CoT length)`` when ``n_remove`` is given.
     Returns the full result (with per-example predictions) and the JSON-ready metrics of ``eval.json``.
     """
+    import numpy as np
+
     from icot_jax.data.tokenize import encode_examples
-    from icot_jax.generate import DecodeSettings, GenerationEvaluator
+    from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
+    from icot_jax.removal import REMOVE_ALL
 
     data = encode_examples(examples, checkpoint.tokenizer, mode=checkpoint.join)
     evaluator = GenerationEvaluator(checkpoint.tokenizer, data, batch_size=batch_size, progress=progress,
                                     settings=DecodeSettings(max_new_tokens=max_new_tokens))
-    result = evaluator(checkpoint.model)
-    metrics = {"checkpoint": str(checkpoint.path), "device": device_description(), **result.metrics()}
+    if position_gap == "auto":
+        removed = REMOVE_ALL if n_remove is None else n_remove
+        gaps = keep_position_gaps(data, removed) if trained_with_keep_position(checkpoint) else None
+    else:
+        gaps = int(position_gap)
+    result = evaluator(checkpoint.model, gaps)
+    metrics = {"checkpoint": str(checkpoint.path), "device": device_description(), **result.metrics(),
+               "mean_position_gap": 0.0 if gaps is None else float(np.mean(gaps))}
     if n_remove is not None:
         metrics.update(teacher_forced_metrics(checkpoint, data, n_remove, batch_size))
     return result, metrics
@@ -191,20 +218,37 @@ class Answer:
     """The extracted answer (``'#### ...'``), None when the model produced no ``####``."""
 
 
-def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int = 800) -> Answer:
-    """Greedy-decode one question (multiplication in normal or model notation, or raw text)."""
+def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int = 800,
+                    position_gap: str | int = "auto") -> Answer:
+    """Greedy-decode one question (multiplication in normal or model notation, or raw text).
+
+    ``position_gap="auto"``: 0, unless the run was trained with ``train.keep_position``; then the length of
+    the CoT the question would have, which is known for multiplication (the CoT is a function of the
+    operands); for other questions pass the number.
+    """
+    import numpy as np
     from flax import nnx
 
-    from icot_jax.data.formats import ANSWER_MARKER, Example
+    from icot_jax.data.formats import ANSWER_MARKER, Example, parse_line
+    from icot_jax.data.multiplication import format_example
     from icot_jax.data.tokenize import encode_examples
-    from icot_jax.generate import DecodeSettings, Decoder, extract_answer, left_pad_prompts
+    from icot_jax.generate import DecodeSettings, Decoder, extract_answer, keep_position_gaps, left_pad_prompts
+    from icot_jax.removal import REMOVE_ALL
 
     model_input = to_model_notation(question)
     tokenizer = checkpoint.tokenizer
     prompt = encode_examples([Example(model_input, "", ANSWER_MARKER)], tokenizer, mode=checkpoint.join)
+    gap = 0 if position_gap == "auto" else int(position_gap)
+    if position_gap == "auto" and trained_with_keep_position(checkpoint):
+        operands = multiplication_operands(model_input)
+        if operands is None or None in operands:
+            raise ValueError("this checkpoint was trained with train.keep_position: pass --position-gap N (the "
+                             "length of the CoT it was trained without); 'auto' knows it only for multiplication")
+        full = encode_examples([parse_line(format_example(*operands))], tokenizer, mode=checkpoint.join)
+        gap = int(keep_position_gaps(full, REMOVE_ALL)[0])
     graphdef, state = nnx.split(checkpoint.model)
     decoder = Decoder(graphdef, eos_id=tokenizer.eos_token_id, settings=DecodeSettings(max_new_tokens=max_new_tokens))
-    decoded = decoder(state, *left_pad_prompts(prompt))
+    decoded = decoder(state, *left_pad_prompts(prompt), position_gap=np.array([gap]))
     text = tokenizer.decode(decoded.tokens[0, : decoded.n_generated[0]], skip_special_tokens=True)
     return Answer(model_input, text, text.partition(ANSWER_MARKER)[0].strip(), extract_answer(text))
 
@@ -228,15 +272,19 @@ def format_answer(answer: Answer) -> str:
 
 
 def tradeoff(checkpoints: Sequence[str | Path], examples: Sequence[Example], *, labels: Sequence[str] | None = None,
-             batch_size: int = 32, max_new_tokens: int = 800, progress: bool = True, **load_kwargs) -> list[dict]:
-    """Accuracy and speed of each checkpoint on the same examples (one row per checkpoint, in order)."""
+             batch_size: int = 32, max_new_tokens: int = 800, progress: bool = True,
+             position_gap: str | int = "auto", **load_kwargs) -> list[dict]:
+    """Accuracy and speed of each checkpoint on the same examples (one row per checkpoint, in order).
+
+    ``position_gap`` as in :func:`evaluate_checkpoint` (``auto`` takes a ``keep_position`` checkpoint to be
+    fully internalized; pass a number for partially internalized ones)."""
     labels = list(labels) if labels else [Path(c).name or str(c) for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
     rows = []
     for label, path in zip(labels, checkpoints):
         result, _ = evaluate_checkpoint(load_checkpoint(path, **load_kwargs), examples, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, progress=progress)
+                                        max_new_tokens=max_new_tokens, progress=progress, position_gap=position_gap)
         rows.append({"label": label, "checkpoint": str(path), "accuracy": result.accuracy,
                      "examples_per_second": result.examples_per_second,
                      "tokens_per_second": result.tokens_per_second,
@@ -286,7 +334,8 @@ def run_eval(args: argparse.Namespace) -> int:
     checkpoint = _load(args, args.checkpoint)
     examples = read_eval_examples(args.data, args.limit)
     result, metrics = evaluate_checkpoint(checkpoint, examples, batch_size=args.batch_size,
-                                          max_new_tokens=args.max_new_tokens, n_remove=args.n_remove)
+                                          max_new_tokens=args.max_new_tokens, n_remove=args.n_remove,
+                                          position_gap=args.position_gap)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = {"data": str(args.data), **metrics}
@@ -301,7 +350,8 @@ def run_eval(args: argparse.Namespace) -> int:
 @user_errors_exit
 def run_generate(args: argparse.Namespace) -> int:
     """``icot generate --checkpoint DIR QUESTION``: the model's CoT (if any) and answer."""
-    answer = generate_answer(_load(args, args.checkpoint), args.question, max_new_tokens=args.max_new_tokens)
+    answer = generate_answer(_load(args, args.checkpoint), args.question, max_new_tokens=args.max_new_tokens,
+                             position_gap=args.position_gap)
     print(format_answer(answer))
     return 0
 
@@ -311,7 +361,7 @@ def run_tradeoff(args: argparse.Namespace) -> int:
     """``icot tradeoff --checkpoints A B C --data FILE``: tradeoff.csv and tradeoff.png under ``--out``."""
     rows = tradeoff(args.checkpoints, read_eval_examples(args.data, args.limit), labels=args.labels,
                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, which=args.which,
-                    dtype=args.dtype, join=args.join)
+                    dtype=args.dtype, join=args.join, position_gap=args.position_gap)
     csv_path, png_path = write_tradeoff(rows, args.out, title=f"{Path(args.data).parent.name}: accuracy vs speed")
     for row in rows:
         print(f"{row['label']:>24}  accuracy {row['accuracy']:.3f}  {row['examples_per_second']:8.2f} examples/s  "
@@ -328,6 +378,9 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
     parser.add_argument("--join", choices=("reference", "segments"),
                         help="tokenization mode of training (default: the run's, or 'reference')")
     parser.add_argument("--max-new-tokens", type=int, default=800, help="default: 800, as the reference")
+    parser.add_argument("--position-gap", type=parse_position_gap, default="auto", metavar="auto|N",
+                        help="positions skipped after the prompt; auto: 0, or for a train.keep_position run the "
+                             "CoT length it was trained without (default: auto)")
     if data:
         parser.add_argument("--data", required=True, help="SRC||COT #### ANS file (e.g. valid.txt)")
         parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")

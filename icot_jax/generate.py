@@ -142,17 +142,22 @@ class Decoder:
         if shape not in self._executables:
             start = time.perf_counter()
             inputs = (jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_),
-                      jax.ShapeDtypeStruct((batch_size,), jnp.bool_), jax.eval_shape(lambda: jax.random.key(0)))
+                      jax.ShapeDtypeStruct((batch_size,), jnp.bool_), jax.eval_shape(lambda: jax.random.key(0)),
+                      jax.ShapeDtypeStruct((batch_size,), jnp.int32))
             self._executables[shape] = jax.jit(self._generate).lower(state, *inputs).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._executables[shape]
 
     def __call__(self, state: nnx.State, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
-                 active: np.ndarray | None = None, key: jax.Array | None = None) -> Decoded:
+                 active: np.ndarray | None = None, key: jax.Array | None = None,
+                 position_gap: np.ndarray | None = None) -> Decoded:
         """Decode ``int32[B, P]`` prompts, left-padded (``prompt_mask`` True on real tokens).
 
         Rows with ``active`` False (filler rows of a short last batch) start finished and cost no loop
         steps. ``key`` (a typed key, ``jax.random.key``) seeds sampling; greedy decoding ignores it.
+        ``position_gap int[B]`` (default 0) skips that many position ids between a row's prompt and its
+        first generated token: a model trained with ``keep_position`` after ``n`` CoT tokens were removed
+        expects its next token at the position it had before, ``n`` further on.
         """
         prompt_ids = np.asarray(prompt_ids, np.int32)
         prompt_mask = np.asarray(prompt_mask, bool)
@@ -164,12 +169,15 @@ class Decoder:
             raise ValueError(f"active rows {np.flatnonzero(empty).tolist()} have an empty prompt")
         executable = self.compile(state, *prompt_ids.shape)
         key = jax.random.key(0) if key is None else key
-        tokens, n_generated, n_steps = jax.device_get(executable(state, prompt_ids, prompt_mask, active, key))
+        gap = np.zeros(len(prompt_ids), np.int32) if position_gap is None else np.asarray(position_gap, np.int32)
+        if gap.shape != (len(prompt_ids),) or (gap < 0).any():
+            raise ValueError(f"position_gap must be {len(prompt_ids)} non-negative integers, got shape {gap.shape}")
+        tokens, n_generated, n_steps = jax.device_get(executable(state, prompt_ids, prompt_mask, active, key, gap))
         return Decoded(tokens, n_generated, int(n_steps))
 
     # -- traced ------------------------------------------------------------------------------------------
 
-    def _generate(self, state, prompt_ids, prompt_mask, active, key):
+    def _generate(self, state, prompt_ids, prompt_mask, active, key, position_gap):
         self.compiles += 1  # Python side effect: runs once per trace, never per call
         model = nnx.merge(self.graphdef, state)
         batch_size, prompt_length = prompt_ids.shape
@@ -177,9 +185,10 @@ class Decoder:
         # A stage generating up to n tokens never feeds back its last one: it needs prompt + n - 1 slots.
         cache = model.init_cache(batch_size, prompt_length + stages[0] - 1)
         # Left padding: real tokens are numbered 0, 1, ... from the first real slot, as HF derives
-        # position ids from the attention mask; generated token t of row i sits at position length_i + t.
+        # position ids from the attention mask; generated token t of row i sits at position
+        # length_i + gap_i + t (gap 0 unless the model was trained with keep_position).
         positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1, 0)
-        lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+        lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32) + position_gap
         logits, cache = model.decode(prompt_ids, positions, prompt_mask, cache)
         start = _Loop(step=jnp.zeros((), jnp.int32), token=jnp.zeros(batch_size, jnp.int32),
                       tokens=jnp.full((batch_size, stages[-1]), self.eos_id, jnp.int32),
@@ -240,17 +249,22 @@ def grow_cache(cache: Any, larger: Any) -> Any:
 
 
 def greedy_decode_naive(model: nnx.Module, prompts: Sequence[Sequence[int]], *, eos_id: int, max_new_tokens: int,
-                        stop_after_eos: int | None = 2) -> list[list[int]]:
+                        stop_after_eos: int | None = 2, position_gaps: Sequence[int] | None = None
+                        ) -> list[list[int]]:
     """Greedy decoding by recomputing every full sequence at every step (no cache, no left padding).
 
     Slow and obviously correct: the oracle the cached :class:`Decoder` is tested against. Sequences are
     right-padded to their final length so the forward pass compiles once; causal attention hides the
-    padding from the real tokens. Returns each prompt's generated tokens, up to and including the stopping EOS.
+    padding from the real tokens. Returns each prompt's generated tokens, up to and including the stopping
+    EOS. ``position_gaps`` (one per prompt) shifts the positions of every token after the prompt.
     """
     graphdef, state = nnx.split(model)
     total = max(map(len, prompts)) + max_new_tokens
     ids = np.full((len(prompts), total), eos_id, np.int32)
-    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), ids.shape)
+    columns = np.arange(total)[None, :]
+    gaps = np.zeros(len(prompts), np.int32) if position_gaps is None else np.asarray(position_gaps, np.int32)
+    prompt_lengths = np.array([len(prompt) for prompt in prompts])[:, None]
+    positions = jnp.asarray(columns + np.where(columns >= prompt_lengths, gaps[:, None], 0), jnp.int32)
     forward = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, positions, mask))
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)] = prompt
@@ -345,8 +359,14 @@ class GenerationEvaluator:
             self._decoder = Decoder(graphdef, eos_id=self.data.pad_id, settings=self.settings)
         return self._decoder, state
 
-    def __call__(self, model: nnx.Module) -> GenerationResult:
-        """Decode and score the whole dataset with ``model``."""
+    def __call__(self, model: nnx.Module, position_gap: int | np.ndarray | None = None) -> GenerationResult:
+        """Decode and score the whole dataset with ``model``.
+
+        ``position_gap`` (an int, or one per example) is passed to :class:`Decoder`: for a model trained
+        with ``keep_position``, the number of CoT tokens it was trained without (see
+        :func:`keep_position_gaps`).
+        """
+        gaps = np.broadcast_to(np.asarray(0 if position_gap is None else position_gap, np.int32), (len(self),))
         decoder, state = self.decoder_for(model)
         compiles, compile_seconds = decoder.compiles, decoder.compile_seconds
         decoder.compile(state, self.batch_size, self.prompt_ids.shape[1])
@@ -361,7 +381,7 @@ class GenerationEvaluator:
             rows = np.where(active, rows, 0)  # filler rows repeat row 0 and start finished
             tic = time.perf_counter()
             decoded = decoder(state, self.prompt_ids[rows], self.prompt_mask[rows], active,
-                              jax.random.fold_in(base_key, batch_index))
+                              jax.random.fold_in(base_key, batch_index), gaps[rows])
             seconds += time.perf_counter() - tic
             tokens[rows[active]], n_generated[rows[active]] = decoded.tokens[active], decoded.n_generated[active]
         predictions = self._score(tokens, n_generated)
@@ -382,6 +402,17 @@ class GenerationEvaluator:
                                           predicted_answer=extract_answer(text), target_answer=extract_answer(target),
                                           correct=is_correct(text, target), n_generated=int(n_generated[i])))
         return predictions
+
+
+def keep_position_gaps(data: EncodedDataset, n_remove: int | np.ndarray) -> np.ndarray:
+    """Per-example position gaps for a ``keep_position`` model that was trained with ``n_remove`` CoT
+    tokens removed (``REMOVE_ALL`` or anything beyond a CoT: all of it): ``min(n_remove, CoT length)``.
+
+    The gap of a fully internalized model is each example's CoT length: known in advance only where it is
+    fixed by the question, as for K×K multiplication; this is why the paper does not use keep_position.
+    """
+    cot = data.seps[:, 1] - data.seps[:, 0] - 1
+    return np.minimum(np.broadcast_to(np.asarray(n_remove, np.int64), cot.shape), cot).astype(np.int32)
 
 
 def left_pad_prompts(data: EncodedDataset) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from icot_jax.evaluate import (
     add_commands,
     evaluate_checkpoint,
     format_answer,
+    generate_answer,
     multiplication_operands,
     reversed_digits_value,
     to_model_notation,
@@ -128,6 +129,35 @@ def test_tradeoff_command_writes_csv_and_png(hf_folder, data_file, tmp_path, cap
     assert min(float(row["speedup_vs_slowest"]) for row in rows) == 1.0
     assert (out / "tradeoff.png").stat().st_size > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["png"] == str(out / "tradeoff.png")
+
+
+def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, builtin_tokenizer):
+    """`--position-gap auto`: a train.keep_position model continues where its removed CoT used to end."""
+    from types import SimpleNamespace
+
+    from icot_jax.data.tokenize import encode_examples
+    from icot_jax.generate import GenerationEvaluator, keep_position_gaps
+    from icot_jax.removal import REMOVE_ALL
+
+    folder, model = hf_folder
+    kept = SimpleNamespace(train=SimpleNamespace(keep_position=True))
+    checkpoint = Checkpoint(folder, model, builtin_tokenizer, "reference", run_config=kept)
+    data = encode_examples(EXAMPLES, builtin_tokenizer)
+    cot_lengths = keep_position_gaps(data, REMOVE_ALL)
+    assert cot_lengths.tolist() == [len(e.cot.split()) for e in EXAMPLES]
+    evaluator = GenerationEvaluator(builtin_tokenizer, data, batch_size=2, progress=False)
+    expected = [p.generated_text for p in evaluator(model, cot_lengths).predictions]
+    auto, metrics = evaluate_checkpoint(checkpoint, EXAMPLES, batch_size=2, max_new_tokens=800, progress=False)
+    assert [p.generated_text for p in auto.predictions] == expected
+    assert metrics["mean_position_gap"] == pytest.approx(cot_lengths.mean())
+    plain, metrics = evaluate_checkpoint(Checkpoint(folder, model, builtin_tokenizer, "reference"), EXAMPLES,
+                                         batch_size=2, progress=False)
+    assert metrics["mean_position_gap"] == 0 and [p.generated_text for p in plain.predictions] != expected
+    # generate: the gap of a multiplication question is the length of the CoT its operands give.
+    with_gap = generate_answer(checkpoint, "31*42", max_new_tokens=6)
+    assert with_gap == generate_answer(checkpoint, "31*42", max_new_tokens=6, position_gap=8)  # CoT "2 6 0 + 0 4 2 1"
+    with pytest.raises(ValueError, match="--position-gap N"):
+        generate_answer(checkpoint, "How many apples?", max_new_tokens=4)
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,10 +46,10 @@ def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def decode(model, prompts, settings, active=None):
+def decode(model, prompts, settings, active=None, position_gap=None):
     graphdef, state = nnx.split(model)
     decoder = Decoder(graphdef, eos_id=EOS, settings=settings)
-    return decoder(state, *left_pad(prompts), active)
+    return decoder(state, *left_pad(prompts), active, position_gap=position_gap)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -104,6 +106,28 @@ def test_cached_decoder_matches_full_recompute_on_ragged_batch(model):
             assert generated[:-1].count(EOS) < 2
         assert (tokens[n:] == EOS).all()  # finished rows are padded with EOS
     assert decoded.n_steps == decoded.n_generated.max()
+
+
+def test_position_gap_continues_at_the_kept_positions(gpt2):
+    """keep_position models: generated tokens sit `gap` positions after the prompt (cache vs recompute)."""
+    gaps = [0, 3, 7, 1]
+    settings = DecodeSettings(max_new_tokens=MAX_NEW, stop_after_eos=None)
+    decoded = decode(gpt2, RAGGED, settings, position_gap=np.array(gaps))
+    expected = greedy_decode_naive(gpt2, RAGGED, eos_id=EOS, max_new_tokens=MAX_NEW, stop_after_eos=None,
+                                   position_gaps=gaps)
+    assert decoded.tokens.tolist() == expected
+    assert decoded.tokens.tolist() != decode(gpt2, RAGGED, settings).tokens.tolist()  # the gap is used
+    with pytest.raises(ValueError, match="position_gap"):
+        decode(gpt2, RAGGED, settings, position_gap=np.array([1, 2]))
+
+
+def test_keep_position_gaps_clip_to_each_cot():
+    from icot_jax.generate import keep_position_gaps
+    from icot_jax.removal import REMOVE_ALL
+
+    data = SimpleNamespace(seps=np.array([[3, 10, 14], [2, 4, 6], [5, 6, 8]]))  # CoT lengths 6, 1, 0
+    assert keep_position_gaps(data, 2).tolist() == [2, 1, 0]
+    assert keep_position_gaps(data, REMOVE_ALL).tolist() == [6, 1, 0]
 
 
 def test_without_stopping_every_row_generates_max_new_tokens(model):

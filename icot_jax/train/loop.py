@@ -32,7 +32,7 @@ from icot_jax.config import Config, load_config, save_config
 from icot_jax.data.formats import read_examples
 from icot_jax.data.loader import BatchLoader
 from icot_jax.data.tokenize import EncodedDataset, encode_examples, load_tokenizer, save_builtin_tokenizer
-from icot_jax.generate import DecodeSettings, GenerationEvaluator
+from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
 from icot_jax.removal import Curriculum, Schedule
 from icot_jax.rundir import RunDir
 from icot_jax.train.logs import MetricsLog, plot_run
@@ -250,9 +250,9 @@ def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_r
             "val_ppl": math.exp(min(loss, 50))}
 
 
-def generation_metrics(evaluator, model, prefix: str) -> dict:
+def generation_metrics(evaluator, model, prefix: str, position_gap=None) -> dict:
     """Greedy-decoding exact match and speed of ``model`` (see ``icot_jax.generate``), keys prefixed."""
-    result = evaluator(model)
+    result = evaluator(model, position_gap)
     return {f"{prefix}_accuracy": result.accuracy, f"{prefix}_examples_per_s": result.examples_per_second,
             f"{prefix}_mean_generated_tokens": result.mean_generated_tokens}
 
@@ -363,13 +363,20 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                                      lambda b: curriculum.eval_n_remove(batch_index - 1, b),
                                      config.eval.batch_size, setup=setup))
         eval_model = nnx_merge(graphdef, state)
-        record.update(generation_metrics(evaluators["val"], eval_model, "val"))
+
+        def gaps(split: EncodedDataset):
+            """keep_position: generated tokens continue at the positions they had before the removal."""
+            if not config.train.keep_position:
+                return None
+            return keep_position_gaps(split, curriculum.eval_n_remove(batch_index - 1, len(split)))
+
+        record.update(generation_metrics(evaluators["val"], eval_model, "val", gaps(data.valid)))
         if is_new_best(meta["best_accuracy"], record["val_accuracy"], cot_left=meta["prev_cot_left"]):
             meta.update(best_accuracy=record["val_accuracy"], best_step=batch_index)
             record["is_best"] = True
             checkpoints.save_best(batch_index, state.params, {"step": batch_index, **record})
             if data.test is not None:
-                record.update(generation_metrics(evaluators["test"], eval_model, "test"))
+                record.update(generation_metrics(evaluators["test"], eval_model, "test", gaps(data.test)))
         return record
 
     start = time.time()
