@@ -10,6 +10,12 @@ the number of train-step compilations over the whole schedule, and the time per 
 Compile time is the first step's wall time minus the median of the others (the first call traces,
 compiles and runs once). Tokens are the real tokens after removal, so a later schedule step processes
 fewer tokens per example than an early one: both are reported per step and in total.
+
+Model FLOPs utilisation (MFU) uses the PaLM convention: a token costs ``6·N + 12·layers·d_model·S``
+FLOPs (forward and backward; N = parameters without the position table, S = the batch's padded
+length), counted over real tokens only, divided by the step time and the chip's peak. The peak comes
+from ``--peak-tflops`` or, for known accelerators, from ``PEAK_TFLOPS`` (dense bf16 figures from the
+vendors' data sheets); on a CPU no MFU is printed unless ``--peak-tflops`` is given.
 """
 
 from __future__ import annotations
@@ -23,16 +29,38 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from icot_jax.config import load_config
 from icot_jax.removal import post_removal_lengths
 from icot_jax.train.loop import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {  # dense bf16 peak per JAX device, vendor data sheets (fp32 matmuls on GPUs use TF32 at half)
+    "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100": 989.4, "NVIDIA H200": 989.4,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
+}
 REFERENCE_VALID = REPO.parent / "shared" / "data" / "reference" / "4_by_4_mult" / "valid.txt"
 
 
-def run(config_path: Path, overrides: list[str], steps: int | None) -> dict:
+def flops_per_token(params, config, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM convention: ``6·N + 12·layers·d_model·seq_len``."""
+    n = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+            if "wpe" not in jax.tree_util.keystr(path))  # GPT-2's position table is a lookup, not a matmul
+    return 6.0 * n + 12.0 * config.num_layers * config.hidden_size * seq_len
+
+
+def peak_tflops(device_kind: str, dtype: str, given: float | None) -> float | None:
+    """The peak to divide by: ``given``, else the table's bf16 figure (halved for fp32 on GPUs: TF32)."""
+    if given is not None:
+        return given
+    peak = PEAK_TFLOPS.get(device_kind)
+    if peak is None:
+        return None
+    return peak / 2 if dtype == "float32" and device_kind.startswith("NVIDIA") else peak
+
+
+def run(config_path: Path, overrides: list[str], steps: int | None, peak: float | None = None) -> dict:
     """Train for the config's epochs (or ``steps`` batches) and return the measured figures."""
     if REFERENCE_VALID.exists() and "generate_digits: 4" in config_path.read_text():
         overrides = [f"data.valid={REFERENCE_VALID}", *overrides]  # generated train data avoids its pairs
@@ -40,9 +68,10 @@ def run(config_path: Path, overrides: list[str], steps: int | None) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(config, Path(run_dir))
         step, state, curriculum, loader = trainer.step, trainer.state, trainer.curriculum, trainer.loader
+        model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
         del trainer
         total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
-        times, examples, tokens, resets = [], [], [], 0
+        times, examples, tokens, flops, resets = [], [], [], [], 0
         prev_cot_left = True
         for index in range(total):
             epoch, in_epoch = divmod(index, loader.steps_per_epoch)
@@ -59,11 +88,16 @@ def run(config_path: Path, overrides: list[str], steps: int | None) -> dict:
             real = batch["example_mask"]
             examples.append(int(real.sum()))
             tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
+            flops.append(tokens[-1] * flops_per_token(state.params, model_config, batch["input_ids"].shape[1]))
     steady = np.array(times[1:])
     median = statistics.median(steady)
+    device_kind = str(jax.devices()[0].device_kind)
+    model_flops_per_s = sum(flops[1:]) / steady.sum()
+    peak = peak_tflops(device_kind, config.model.dtype, peak)
     return {
         "config": config.name,
-        "device": str(jax.devices()[0].device_kind),
+        "device": device_kind,
+        "dtype": f"{config.model.param_dtype} params, {config.model.dtype} compute",
         "steps": total,
         "batch_size": config.train.batch_size,
         "examples_per_s": sum(examples[1:]) / steady.sum(),
@@ -75,6 +109,9 @@ def run(config_path: Path, overrides: list[str], steps: int | None) -> dict:
         "epoch_s": median * loader.steps_per_epoch,
         "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
         "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
+        "model_tflops_per_s": model_flops_per_s / 1e12,
+        "peak_tflops": peak,
+        "mfu": model_flops_per_s / (peak * 1e12) if peak else None,
     }
 
 
@@ -82,15 +119,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "bench" / "tiny_gpt2_4x4.yaml")
     parser.add_argument("--steps", type=int, help="stop after this many batches (default: all epochs)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args()
-    result = run(args.config, args.overrides, args.steps)
-    print(f"{result['config']} on {result['device']}: {result['steps']} steps of batch {result['batch_size']}")
+    result = run(args.config, args.overrides, args.steps, args.peak_tflops)
+    print(f"{result['config']} on {result['device']} ({result['dtype']}): {result['steps']} steps of batch "
+          f"{result['batch_size']}")
     print(f"  examples/s        {result['examples_per_s']:.1f}")
     print(f"  tokens/s          {result['tokens_per_s']:.0f} (real tokens after removal)")
     print(f"  median step       {result['median_step_ms']:.1f} ms; epoch {result['epoch_s']:.1f} s")
     print(f"  compile           {result['compile_s']:.1f} s; train-step compilations: {result['train_step_compiles']}"
           f" over {result['optimizer_resets']} optimizer resets")
+    mfu = f"; MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g}" if result["mfu"] is not None else ""
+    print(f"  model FLOPs       {result['model_tflops_per_s']:.3f} TFLOP/s{mfu}")
     print(json.dumps(result))
 
 

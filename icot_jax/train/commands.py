@@ -45,7 +45,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def describe(record: dict) -> str:
         return (f"step {record['step']}: validation accuracy {record['val_accuracy']:.3f}, "
-                f"{record['val_mean_generated_tokens']:.1f} tokens generated per answer")
+                f"{record['val_mean_generated_tokens']:.1f} tokens generated per answer, "
+                f"{record['val_examples_per_s']:.0f} examples/s")
 
     print(f"\nrun directory: {summary['run_dir']}  (metrics.jsonl, curriculum.png, checkpoints/)")
     explicit = [r for r in evals if last_train_record(r["step"])["scheduled_to_remove"] == 0]

@@ -1,0 +1,72 @@
+"""Summarise training runs as a Markdown table (the source of the tables in docs/RESULTS.md).
+
+    python bench/summarize_runs.py runs/results/mult_3x3_tiny_{icot,explicit,no_cot}
+
+For each run directory: the mode, steps, training wall time (``summary.json``), CoT tokens left per
+example at the last logged step, validation exact match at the last evaluation and at the best one
+(``metrics.jsonl``; "best" follows the reference's rule, so for ICoT-SI it is the best with no CoT
+left), the highest validation accuracy at any evaluation, and, when ``icot eval --checkpoint RUN`` has written ``eval.json`` there, its accuracy,
+examples/s and generated tokens per example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+
+def summarize(run_dir: Path) -> dict:
+    """One row of figures for ``run_dir`` (a finished ``icot train`` run)."""
+    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+        if not (run_dir / name).exists():
+            raise SystemExit(f"{run_dir}: no {name}; is this a finished training run directory?")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_accuracy" in r]
+    row = {
+        "run": run_dir.name,
+        "mode": config["train"]["mode"],
+        "steps": summary["steps"],
+        "train_minutes": summary["seconds"] / 60,
+        "cot_left": train[-1]["mean_cot_left"] if train else None,
+        "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
+        "best_val_accuracy": summary.get("best_accuracy"),
+        "max_val_accuracy": max((r["val_accuracy"] for r in evals), default=None),
+        "train_step_compiles": summary.get("train_step_compiles"),
+    }
+    eval_file = run_dir / "eval.json"
+    if eval_file.exists():
+        e = json.loads(eval_file.read_text())
+        row.update(eval_accuracy=e["accuracy"], eval_examples_per_s=e["examples_per_second"],
+                   eval_tokens_per_example=e["mean_generated_tokens"], eval_n=e.get("n_examples"))
+    return row
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="training run directories")
+    args = parser.parse_args()
+    rows = [summarize(run) for run in args.runs]
+    print("| run | mode | steps | train min | CoT tokens left | val acc (last eval) | best val acc "
+          "| max val acc | eval acc | eval examples/s | generated tokens/example | compiles |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['run']} | {r['mode']} | {r['steps']} | {r['train_minutes']:.1f} | {_fmt(r['cot_left'], '.1f')} "
+              f"| {_fmt(r['final_val_accuracy'], '.3f')} | {_fmt(r['best_val_accuracy'], '.3f')} "
+              f"| {_fmt(r['max_val_accuracy'], '.3f')} "
+              f"| {_fmt(r.get('eval_accuracy'), '.3f')} | {_fmt(r.get('eval_examples_per_s'), '.1f')} "
+              f"| {_fmt(r.get('eval_tokens_per_example'), '.1f')} | {_fmt(r['train_step_compiles'], 'd')} |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
