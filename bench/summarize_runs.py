@@ -20,16 +20,20 @@ import yaml
 
 def summarize(run_dir: Path) -> dict:
     """One row of figures for ``run_dir`` (a finished ``icot train`` run)."""
-    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+    for name in ("metrics.jsonl", "config.yaml"):
         if not (run_dir / name).exists():
-            raise SystemExit(f"{run_dir}: no {name}; is this a finished training run directory?")
-    summary = json.loads((run_dir / "summary.json").read_text())
+            raise SystemExit(f"{run_dir}: no {name}; is this a training run directory?")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_accuracy" in r]
+    finished = (run_dir / "summary.json").exists()
+    # A run stopped before its end has no summary.json: report it as far as metrics.jsonl goes.
+    summary = json.loads((run_dir / "summary.json").read_text()) if finished else {
+        "steps": train[-1]["step"] if train else 0, "seconds": train[-1]["elapsed_s"] if train else 0.0,
+        "train_step_compiles": int(train[-1]["train_step_compiles"]) if train else None}
     row = {
-        "run": run_dir.name,
+        "run": run_dir.name if finished else f"{run_dir.name} (stopped)",
         "mode": config["train"]["mode"],
         "steps": summary["steps"],
         "train_minutes": summary["seconds"] / 60,
@@ -47,6 +51,18 @@ def summarize(run_dir: Path) -> dict:
     return row
 
 
+def removal_shocks(run_dir: Path) -> list[tuple[int, float, float]]:
+    """``(scheduled count, token accuracy just before, just after)`` at each step where the schedule advanced
+    while CoT was left: how hard each removal hits the model (the training records of ``metrics.jsonl``)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    shocks = []
+    for before, after in zip(train, train[1:]):
+        if after["scheduled_to_remove"] > before["scheduled_to_remove"] and before["mean_cot_left"] > 0:
+            shocks.append((after["scheduled_to_remove"], before["token_accuracy"], after["token_accuracy"]))
+    return shocks
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -54,8 +70,19 @@ def _fmt(value, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="training run directories")
+    parser.add_argument("--plot", action="store_true",
+                        help="(re)draw each run's curriculum.png (schedule and accuracies over steps), also for "
+                             "runs stopped before their end")
+    parser.add_argument("--removals", action="store_true",
+                        help="also print each run's token accuracy just before/after every schedule advance")
     args = parser.parse_args()
     rows = [summarize(run) for run in args.runs]
+    if args.plot:
+        from icot_jax.train.logs import plot_run
+
+        for run in args.runs:
+            plot_run(run / "metrics.jsonl", run / "curriculum.png", title=run.name)
+            print(f"wrote {run / 'curriculum.png'}")
     print("| run | mode | steps | train min | CoT tokens left | val acc (last eval) | best val acc "
           "| max val acc | eval acc | eval examples/s | generated tokens/example | compiles |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -65,6 +92,14 @@ def main() -> None:
               f"| {_fmt(r['max_val_accuracy'], '.3f')} "
               f"| {_fmt(r.get('eval_accuracy'), '.3f')} | {_fmt(r.get('eval_examples_per_s'), '.1f')} "
               f"| {_fmt(r.get('eval_tokens_per_example'), '.1f')} | {_fmt(r['train_step_compiles'], 'd')} |")
+    if args.removals:
+        for run in args.runs:
+            shocks = removal_shocks(run)
+            if shocks:
+                drops = [before - after for _, before, after in shocks]
+                print(f"\n{run.name}: token accuracy before -> after each removal (scheduled count: before/after)")
+                print("  " + "  ".join(f"{n}: {b:.2f}/{a:.2f}" for n, b, a in shocks))
+                print(f"  mean drop {sum(drops) / len(drops):.3f} over {len(shocks)} removals")
     print(json.dumps(rows))
 
 

@@ -175,14 +175,15 @@ def test_eval_command_on_a_training_run(tmp_path, capsys):
     from icot_jax.train.loop import train
 
     overrides = ["train.epochs=1", "train.pretrain_epochs=0", "data.generate_train=320", "data.generate_valid=40",
-                 f"run_dir={tmp_path / 'run'}"]
+                 "train.remove_per_epoch=4", "eval.every_epochs=1", f"run_dir={tmp_path / 'run'}"]
     summary = train(load_config(DEMO_CONFIG, overrides), progress=False)
     last = summary["last_eval"]
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     removed = [r for r in records if "scheduled_to_remove" in r][-1]["scheduled_to_remove"]
-    # The demo config evaluates 100 prompts per batch with max_new_tokens 64: the same decoding here.
+    # The same decoding as the loop's (the demo's eval batch size and max_new_tokens); the demo trains with
+    # keep_position, so both decode after a gap of the removed count.
     assert run_cli(["eval", "--checkpoint", summary["run_dir"], "--data", str(tmp_path / "run" / "data" / "valid.txt"),
-                    "--batch-size", "100", "--max-new-tokens", "64", "--n-remove", str(removed)]) == 0
+                    "--batch-size", "250", "--max-new-tokens", "32", "--n-remove", str(removed)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["teacher_forced_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     assert printed["accuracy"] == last["val_accuracy"] and printed["n_examples"] == 40

@@ -25,7 +25,7 @@ TINY = [
     "data.generate_digits=2", "data.generate_train=64", "data.generate_valid=0",
     "data.max_length=32", "train.batch_size=8", "train.epochs=6", "train.pretrain_epochs=1",
     "train.lr=1e-3", "train.remove_per_epoch=4", "checkpoint.every_steps=4", "checkpoint.keep=3",
-    "log_every_steps=1",
+    "log_every_steps=1", "eval.every_epochs=1", "train.warmup_steps=0", "train.keep_position=false",
 ]
 
 
@@ -120,6 +120,13 @@ def test_evaluation_logs_val_accuracy_and_best(tmp_path):
     assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["val_ppl"] > 1.0 for r in evals)
     assert summary["best_step"] == 16  # the CoT is still being removed: every evaluation is best
     assert (tmp_path / "run" / "best" / "16").exists()
+    # Every other epoch over 3 epochs: epoch 2, plus the run's final state.
+    config = load_config(DEMO_CONFIG, [*overrides, "data.generate_valid=16", "train.epochs=3", "eval.every_epochs=2",
+                                       "eval.max_new_tokens=16", f"run_dir={tmp_path / 'run3'}"])
+    summary = train(config, progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "run3" / "metrics.jsonl").read_text().splitlines()
+             if "val_accuracy" in line]
+    assert [r["step"] for r in evals] == [16, 24] and summary["last_eval"]["step"] == 24
 
 
 def test_best_rule_matches_reference():

@@ -410,7 +410,9 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                                 remove="all" if plan.schedule.remove_all else scheduled)
             bar.update(1)
             every = config.eval.every_steps
-            if (end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0) or (every and meta["batch_index"] % every == 0):
+            scheduled_eval = end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0
+            last_batch = meta["batch_index"] == total  # the run's final state is always evaluated
+            if scheduled_eval or last_batch or (every and meta["batch_index"] % every == 0):
                 record = evaluate(meta["batch_index"], state, plan.schedule)
                 if "val_accuracy" in record:
                     log_record(record)
