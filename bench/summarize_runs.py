@@ -5,8 +5,10 @@
 For each run directory: the mode, steps, training wall time (``summary.json``), CoT tokens left per
 example at the last logged step, validation exact match at the last evaluation and at the best one
 (``metrics.jsonl``; "best" follows the reference's rule, so for ICoT-SI it is the best with no CoT
-left), the highest validation accuracy at any evaluation, and, when ``icot eval --checkpoint RUN`` has written ``eval.json`` there, its accuracy,
-examples/s and generated tokens per example.
+left), the highest validation accuracy at any evaluation, and, when ``icot eval --checkpoint RUN`` has
+written ``eval.json`` there, its accuracy, examples/s and generated tokens per example. A run stopped
+before its end (no ``summary.json``, or one marked ``interrupted`` by SIGTERM) is reported as far as its
+``metrics.jsonl`` goes, marked "(stopped)".
 """
 
 from __future__ import annotations
@@ -17,23 +19,24 @@ from pathlib import Path
 
 import yaml
 
+from icot_jax.train.logs import plot_run, read_metrics
+
 
 def summarize(run_dir: Path) -> dict:
-    """One row of figures for ``run_dir`` (a finished ``icot train`` run)."""
+    """One row of figures for ``run_dir`` (an ``icot train`` run directory, finished or stopped)."""
     for name in ("metrics.jsonl", "config.yaml"):
         if not (run_dir / name).exists():
             raise SystemExit(f"{run_dir}: no {name}; is this a training run directory?")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_accuracy" in r]
     finished = (run_dir / "summary.json").exists()
-    # A run stopped before its end has no summary.json: report it as far as metrics.jsonl goes.
     summary = json.loads((run_dir / "summary.json").read_text()) if finished else {
         "steps": train[-1]["step"] if train else 0, "seconds": train[-1]["elapsed_s"] if train else 0.0,
         "train_step_compiles": int(train[-1]["train_step_compiles"]) if train else None}
     row = {
-        "run": run_dir.name if finished else f"{run_dir.name} (stopped)",
+        "run": run_dir.name if finished and not summary.get("interrupted") else f"{run_dir.name} (stopped)",
         "mode": config["train"]["mode"],
         "steps": summary["steps"],
         "train_minutes": summary["seconds"] / 60,
@@ -54,8 +57,7 @@ def summarize(run_dir: Path) -> dict:
 def removal_shocks(run_dir: Path) -> list[tuple[int, float, float]]:
     """``(scheduled count, token accuracy just before, just after)`` at each step where the schedule advanced
     while CoT was left: how hard each removal hits the model (the training records of ``metrics.jsonl``)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     shocks = []
     for before, after in zip(train, train[1:]):
         if after["scheduled_to_remove"] > before["scheduled_to_remove"] and before["mean_cot_left"] > 0:
@@ -78,8 +80,6 @@ def main() -> None:
     args = parser.parse_args()
     rows = [summarize(run) for run in args.runs]
     if args.plot:
-        from icot_jax.train.logs import plot_run
-
         for run in args.runs:
             plot_run(run / "metrics.jsonl", run / "curriculum.png", title=run.name)
             print(f"wrote {run / 'curriculum.png'}")

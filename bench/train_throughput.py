@@ -43,11 +43,15 @@ PEAK_TFLOPS = {  # dense bf16 peak per JAX device, vendor data sheets (fp32 matm
 REFERENCE_VALID = REPO.parent / "shared" / "data" / "reference" / "4_by_4_mult" / "valid.txt"
 
 
-def flops_per_token(params, config, seq_len: int) -> float:
+def matmul_params(params) -> int:
+    """Parameters that cost FLOPs per token: all but GPT-2's position table (a lookup, not a matmul)."""
+    return sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if "wpe" not in jax.tree_util.keystr(path))
+
+
+def flops_per_token(n_params: int, config, seq_len: int) -> float:
     """Training FLOPs per token, PaLM convention: ``6·N + 12·layers·d_model·seq_len``."""
-    n = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(params)
-            if "wpe" not in jax.tree_util.keystr(path))  # GPT-2's position table is a lookup, not a matmul
-    return 6.0 * n + 12.0 * config.num_layers * config.hidden_size * seq_len
+    return 6.0 * n_params + 12.0 * config.num_layers * config.hidden_size * seq_len
 
 
 def peak_tflops(device_kind: str, dtype: str, given: float | None) -> float | None:
@@ -69,6 +73,7 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         trainer = build_trainer(config, Path(run_dir))
         step, state, curriculum, loader = trainer.step, trainer.state, trainer.curriculum, trainer.loader
         model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
+        n_params = matmul_params(state.params)
         del trainer
         total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
         times, examples, tokens, flops, resets = [], [], [], [], 0
@@ -88,7 +93,7 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
             real = batch["example_mask"]
             examples.append(int(real.sum()))
             tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
-            flops.append(tokens[-1] * flops_per_token(state.params, model_config, batch["input_ids"].shape[1]))
+            flops.append(tokens[-1] * flops_per_token(n_params, model_config, batch["input_ids"].shape[1]))
     steady = np.array(times[1:])
     median = statistics.median(steady)
     device_kind = str(jax.devices()[0].device_kind)

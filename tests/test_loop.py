@@ -175,6 +175,15 @@ def test_position_shift_must_fit_the_position_table(tmp_path):
         load_config(DEMO_CONFIG, ["train.warmup_steps=-1"])
 
 
+def test_demo_is_the_documented_2x2_recipe():
+    """README and docs/RESULTS.md quote the demo as configs/cpu/mult_2x2_tiny_icot.yaml under another name."""
+    import dataclasses
+
+    demo = dataclasses.asdict(load_config(DEMO_CONFIG))
+    recipe = dataclasses.asdict(load_config(REPO / "configs" / "cpu" / "mult_2x2_tiny_icot.yaml"))
+    assert {**demo, "name": recipe["name"]} == recipe
+
+
 def test_resume_refuses_a_config(tmp_path):
     from icot_jax.cli import main
 
