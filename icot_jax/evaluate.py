@@ -74,29 +74,76 @@ class Checkpoint:
     """How sequences were tokenized in training (``reference`` or ``segments``): prompts must match."""
     run_config: Any = None
     """The run's ``Config`` for a run directory; None for a Hugging Face folder."""
+    keep_position: bool = False
+    """Whether training kept removed tokens' positions (``train.keep_position``): from the run config, or
+    from the ``icot_jax.json`` that ``icot export-hf`` writes next to an exported folder's weights."""
+    removal_side: str = "left"
+    """``train.removal_side`` of the training run (same sources as ``keep_position``)."""
+
+
+EXPORT_INFO_FILE = "icot_jax.json"
+"""What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
+_EXPORT_INFO_KEYS = {"join": ("reference", "segments"), "keep_position": (True, False),
+                     "removal_side": ("left", "right")}
+
+
+def write_export_info(folder: str | Path, config: Any, source: str | Path | None = None) -> Path:
+    """Write ``icot_jax.json`` into an exported folder: the training run's tokenization join mode,
+    ``train.keep_position`` and ``train.removal_side`` (what evaluation needs to rebuild its prompts and
+    positions), and the run it came from. :func:`load_checkpoint` reads it back."""
+    info = {"join": config.data.join, "keep_position": bool(config.train.keep_position),
+            "removal_side": config.train.removal_side}
+    if source is not None:
+        info["source"] = str(source)
+    path = Path(folder) / EXPORT_INFO_FILE
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def read_export_info(folder: str | Path) -> dict:
+    """The ``icot_jax.json`` of an exported folder, checked; ``{}`` when there is none (an HF folder not
+    written by ``icot export-hf``). Raises ``ValueError`` naming the file and key when it is malformed."""
+    path = Path(folder) / EXPORT_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    for key, allowed in _EXPORT_INFO_KEYS.items():
+        if key in info and info[key] not in allowed:
+            raise ValueError(f"{path}: key {key!r} must be one of {list(allowed)}, got {info[key]!r}")
+    return info
 
 
 def load_checkpoint(path: str | Path, *, which: str = "best", dtype: str = "float32",
                     join: str | None = None) -> Checkpoint:
     """A run directory's ``best``/``latest`` weights, or a Hugging Face folder in ``dtype``.
 
-    ``join`` overrides the tokenization mode; by default a run uses its config's and an HF folder the
-    reference's (``reference``; with the built-in tokenizer both modes give the same ids).
+    ``join`` overrides the tokenization mode; by default a run uses its config's, an HF folder the one
+    recorded in its ``icot_jax.json`` (:func:`write_export_info`) and, without one, the reference's
+    (``reference``; with the built-in tokenizer both modes give the same ids).
     """
     path = Path(path)
     if (path / "config.yaml").is_file():
         from icot_jax.train.loop import load_run_model
 
         model, tokenizer, config = load_run_model(path, which=which)
-        return Checkpoint(path, model, tokenizer, join or config.data.join, config)
+        return Checkpoint(path, model, tokenizer, join or config.data.join, config,
+                          keep_position=config.train.keep_position, removal_side=config.train.removal_side)
     if (path / "config.json").is_file():
         from icot_jax.data.tokenize import load_tokenizer
         from icot_jax.models.hf import load_pretrained
 
         if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             raise ValueError(f"{path} has no tokenizer (tokenizer.json); export it with its tokenizer")
+        info = read_export_info(path)
         model, _ = load_pretrained(path, dtype=dtype, param_dtype=dtype)
-        return Checkpoint(path, model, load_tokenizer(path), join or "reference")
+        return Checkpoint(path, model, load_tokenizer(path), join or info.get("join", "reference"),
+                          keep_position=info.get("keep_position", False),
+                          removal_side=info.get("removal_side", "left"))
     raise ValueError(f"{path} is neither a training run directory (config.yaml) nor a Hugging Face folder "
                      "(config.json + safetensors)")
 
@@ -146,9 +193,7 @@ def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remov
     from icot_jax.train.loop import teacher_forced
     from icot_jax.train.step import StepConfig, TrainState, TrainStep, split_model
 
-    train = checkpoint.run_config.train if checkpoint.run_config is not None else None
-    config = StepConfig(pad_id=data.pad_id, side=train.removal_side if train else "left",
-                        keep_position=train.keep_position if train else False)
+    config = StepConfig(pad_id=data.pad_id, side=checkpoint.removal_side, keep_position=checkpoint.keep_position)
     graphdef, params, rest = split_model(checkpoint.model)
     # Evaluation reads only params and rest: no optimizer state is built.
     state = TrainState(step=np.zeros((), np.int32), params=params, rest=rest, opt_state=(),
@@ -161,7 +206,7 @@ def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remov
 
 def trained_with_keep_position(checkpoint: Checkpoint) -> bool:
     """Whether the checkpoint's training run kept removed tokens' positions (``train.keep_position``)."""
-    return checkpoint.run_config is not None and checkpoint.run_config.train.keep_position
+    return checkpoint.keep_position
 
 
 def parse_position_gap(text: str) -> str | int:

@@ -133,15 +133,12 @@ def test_tradeoff_command_writes_csv_and_png(hf_folder, data_file, tmp_path, cap
 
 def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, builtin_tokenizer):
     """`--position-gap auto`: a train.keep_position model continues where its removed CoT used to end."""
-    from types import SimpleNamespace
-
     from icot_jax.data.tokenize import encode_examples
     from icot_jax.generate import GenerationEvaluator, keep_position_gaps
     from icot_jax.removal import REMOVE_ALL
 
     folder, model = hf_folder
-    kept = SimpleNamespace(train=SimpleNamespace(keep_position=True))
-    checkpoint = Checkpoint(folder, model, builtin_tokenizer, "reference", run_config=kept)
+    checkpoint = Checkpoint(folder, model, builtin_tokenizer, "reference", keep_position=True)
     data = encode_examples(EXAMPLES, builtin_tokenizer)
     cot_lengths = keep_position_gaps(data, REMOVE_ALL)
     assert cot_lengths.tolist() == [len(e.cot.split()) for e in EXAMPLES]
@@ -158,6 +155,34 @@ def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, buil
     assert with_gap == generate_answer(checkpoint, "31*42", max_new_tokens=6, position_gap=8)  # CoT "2 6 0 + 0 4 2 1"
     with pytest.raises(ValueError, match="--position-gap N"):
         generate_answer(checkpoint, "How many apples?", max_new_tokens=4)
+
+
+def test_export_info_restores_join_and_keep_position(hf_folder, tmp_path):
+    """An exported folder's icot_jax.json (written by `icot export-hf`) sets the join mode and position
+    handling that `load_checkpoint` would otherwise default to the reference's."""
+    import shutil
+    from types import SimpleNamespace
+
+    from icot_jax.evaluate import load_checkpoint, read_export_info, write_export_info
+
+    folder = tmp_path / "exported"
+    shutil.copytree(hf_folder[0], folder)
+    plain = load_checkpoint(folder)
+    assert (plain.join, plain.keep_position, plain.removal_side) == ("reference", False, "left")
+    run_config = SimpleNamespace(data=SimpleNamespace(join="segments"),
+                                 train=SimpleNamespace(keep_position=True, removal_side="right"))
+    write_export_info(folder, run_config, source="runs/x")
+    assert read_export_info(folder) == {"join": "segments", "keep_position": True, "removal_side": "right",
+                                        "source": "runs/x"}
+    loaded = load_checkpoint(folder)
+    assert (loaded.join, loaded.keep_position, loaded.removal_side) == ("segments", True, "right")
+    assert load_checkpoint(folder, join="reference").join == "reference"  # --join still overrides
+    (folder / "icot_jax.json").write_text('{"join": "words"}')
+    with pytest.raises(ValueError, match=r"icot_jax.json: key 'join' must be one of"):
+        load_checkpoint(folder)
+    (folder / "icot_jax.json").write_text('{"join": ')
+    with pytest.raises(ValueError, match=r"icot_jax.json: not valid JSON"):
+        load_checkpoint(folder)
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):

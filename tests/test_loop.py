@@ -222,3 +222,17 @@ def test_hosts_plan_the_global_batch_and_keep_their_rows(tmp_path):
             assert (plan.schedule, plan.cot_left, plan.reset_optimizer, plan.batch_length) == (
                 whole.schedule, whole.cot_left, whole.reset_optimizer, whole.batch_length)
         np.testing.assert_array_equal(np.concatenate([n for _, n in parts]), whole.n_remove)
+
+
+def test_export_hf_records_how_the_run_was_trained(uninterrupted, tmp_path):
+    """`icot export-hf` writes icot_jax.json, so the exported folder evaluates like its run directory (here
+    `join: segments`, where an HF folder without the file defaults to `reference`)."""
+    from icot_jax.cli import main
+    from icot_jax.evaluate import load_checkpoint
+
+    out = tmp_path / "exported"
+    assert main(["export-hf", str(uninterrupted), str(out)]) == 0
+    run, exported = load_checkpoint(uninterrupted), load_checkpoint(out)
+    assert (exported.join, exported.keep_position) == (run.join, run.keep_position) == ("segments", False)
+    assert exported.removal_side == run.removal_side == "left"
+    assert json.loads((out / "icot_jax.json").read_text())["source"] == str(uninterrupted.resolve())

@@ -61,15 +61,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
 @user_errors_exit
 def run_export(args: argparse.Namespace) -> int:
-    """``icot export-hf RUN_DIR OUT_DIR``: the run's best (or latest) weights as an HF folder."""
+    """``icot export-hf RUN_DIR OUT_DIR``: the run's best (or latest) weights as an HF folder, with an
+    ``icot_jax.json`` recording the run's join mode and position handling for ``icot eval``."""
+    from icot_jax.evaluate import write_export_info
     from icot_jax.models import hf
     from icot_jax.train.loop import load_run_model
 
-    model, tokenizer, _ = load_run_model(args.run_dir, which=args.which)
+    model, tokenizer, config = load_run_model(args.run_dir, which=args.which)
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(str(Path(args.run_dir) / "model"))
     hf.export_pretrained(model, hf_config, args.out, tokenizer=tokenizer)
+    write_export_info(args.out, config, source=Path(args.run_dir).resolve())
     print(f"exported {args.which} weights of {args.run_dir} to {args.out}")
     return 0
 
