@@ -260,19 +260,24 @@ def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.mode": ("icot", "explicit", "no_cot"),
+    "train.removal_side": ("left", "right"),
+    "data.join": ("reference", "segments"),
+    "data.too_long": ("error", "skip"),
+    "data.on_malformed": ("error", "skip"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "mesh.remat": ("none", "full", "dots"),
+}
+"""The allowed values of the config keys that take one of a fixed set of strings (checked by ``validate``)."""
+
+
 def validate(config: Config, where: str = "config") -> Config:
     """Check values that types alone cannot (choices, ranges); raise ``ConfigError`` naming the key."""
-    choices = {
-        "train.mode": (config.train.mode, ("icot", "explicit", "no_cot")),
-        "train.removal_side": (config.train.removal_side, ("left", "right")),
-        "data.join": (config.data.join, ("reference", "segments")),
-        "data.too_long": (config.data.too_long, ("error", "skip")),
-        "data.on_malformed": (config.data.on_malformed, ("error", "skip")),
-        "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
-        "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
-        "mesh.remat": (config.mesh.remat, ("none", "full", "dots")),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
         if value not in allowed:
             raise ConfigError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     positive = {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icot_jax.cli import user_errors_exit
+from icot_jax.config import CHOICES
 
 if TYPE_CHECKING:
     from icot_jax.data.formats import Example
@@ -83,8 +84,8 @@ class Checkpoint:
 
 EXPORT_INFO_FILE = "icot_jax.json"
 """What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
-_EXPORT_INFO_KEYS = {"join": ("reference", "segments"), "keep_position": (True, False),
-                     "removal_side": ("left", "right")}
+_EXPORT_INFO_KEYS = {"join": CHOICES["data.join"], "keep_position": (True, False),
+                     "removal_side": CHOICES["train.removal_side"]}
 
 
 def write_export_info(folder: str | Path, config: Any, source: str | Path | None = None) -> Path:
@@ -420,7 +421,7 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
                         help="weights of a run directory (default: best)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of a Hugging Face folder's weights and compute (default: float32)")
-    parser.add_argument("--join", choices=("reference", "segments"),
+    parser.add_argument("--join", choices=CHOICES["data.join"],
                         help="tokenization mode of training (default: the run's, or 'reference')")
     parser.add_argument("--max-new-tokens", type=int, default=800, help="default: 800, as the reference")
     parser.add_argument("--position-gap", type=parse_position_gap, default="auto", metavar="auto|N",
