@@ -7,13 +7,15 @@ the number of train-step compilations over the whole schedule, and the time per 
     python bench/train_throughput.py                                   # tiny-gpt2-4x4 on this machine
     python bench/train_throughput.py --config configs/paper/mult_4x4_gpt2_small_icot.yaml --steps 50
 
-Compile time is the first step's wall time minus the median of the others (the first call traces,
-compiles and runs once). Tokens are the real tokens after removal, so a later schedule step processes
-fewer tokens per example than an early one: both are reported per step and in total.
+Each batch runs at the output width the training loop gives it (the smallest of the run's width buckets
+that holds the batch after removal), so a later schedule step costs less than an early one. Compile
+time is the sum over first calls at each width of their wall time minus the median of the others (a
+first call traces, compiles and runs once); throughput excludes those calls. Tokens are the real tokens
+after removal, reported per step and in total.
 
 Model FLOPs utilisation (MFU) uses the PaLM convention: a token costs ``6·N + 12·layers·d_model·S``
-FLOPs (forward and backward; N = parameters without the position table, S = the batch's padded
-length), counted over real tokens only, divided by the step time and the chip's peak. The peak comes
+FLOPs (forward and backward; N = parameters without the position table, S = the batch's output
+width), counted over real tokens only, divided by the step time and the chip's peak. The peak comes
 from ``--peak-tflops`` or, for known accelerators, from ``PEAK_TFLOPS`` (dense bf16 figures from the
 vendors' data sheets); on a CPU no MFU is printed unless ``--peak-tflops`` is given.
 """
@@ -71,33 +73,42 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
     config = load_config(config_path, overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(config, Path(run_dir))
-        step, state, curriculum, loader = trainer.step, trainer.state, trainer.curriculum, trainer.loader
+        step, state, curriculum, loader, widths = (trainer.step, trainer.state, trainer.curriculum, trainer.loader,
+                                                   trainer.widths)
         model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
         n_params = matmul_params(state.params)
         del trainer
         total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
-        times, examples, tokens, flops, resets = [], [], [], [], 0
+        times, examples, tokens, flops, resets, skipped, first_call = [], [], [], [], 0, 0, []
         prev_cot_left = True
         for index in range(total):
             epoch, in_epoch = divmod(index, loader.steps_per_epoch)
             batch = loader.batch(epoch, in_epoch)
             plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
             prev_cot_left = plan.cot_left
+            if plan.skip:  # longer than max_len_train after removal: the loop does not train on it
+                skipped += 1
+                continue
+            width = widths.width(plan.batch_length)
+            compiles = step.compiles
             start = time.perf_counter()
             if plan.reset_optimizer:
                 state = step.reset_optimizer(state)
                 resets += 1
-            state, metrics = step(state, batch, plan.n_remove)
+            state, metrics = step(state, batch, plan.n_remove, width)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - start)
+            first_call.append(step.compiles > compiles)
             real = batch["example_mask"]
             examples.append(int(real.sum()))
             tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
-            flops.append(tokens[-1] * flops_per_token(n_params, model_config, batch["input_ids"].shape[1]))
-    steady = np.array(times[1:])
+            flops.append(tokens[-1] * flops_per_token(n_params, model_config, width))
+    warm = ~np.array(first_call)
+    steady = np.array(times)[warm]
     median = statistics.median(steady)
+    examples, tokens, flops = (np.array(x)[warm] for x in (examples, tokens, flops))
     device_kind = str(jax.devices()[0].device_kind)
-    model_flops_per_s = sum(flops[1:]) / steady.sum()
+    model_flops_per_s = flops.sum() / steady.sum()
     peak = peak_tflops(device_kind, config.model.dtype, peak)
     return {
         "config": config.name,
@@ -105,14 +116,17 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         "dtype": f"{config.model.param_dtype} params, {config.model.dtype} compute",
         "steps": total,
         "batch_size": config.train.batch_size,
-        "examples_per_s": sum(examples[1:]) / steady.sum(),
-        "tokens_per_s": sum(tokens[1:]) / steady.sum(),
+        "examples_per_s": examples.sum() / steady.sum(),
+        "tokens_per_s": tokens.sum() / steady.sum(),
         "median_step_ms": 1000 * median,
-        "compile_s": times[0] - median,
+        "compile_s": float(np.sum(np.array(times)[~warm]) - (~warm).sum() * median),
         "train_step_compiles": step.compiles,
+        "widths": list(widths.buckets),
+        "expected_padding": widths.padding,
+        "skipped_batches": skipped,
         "optimizer_resets": resets,
-        "epoch_s": median * loader.steps_per_epoch,
-        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
+        "epoch_s": float(steady.mean()) * loader.steps_per_epoch,
+        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),  # first measured (warm) step
         "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
         "model_tflops_per_s": model_flops_per_s / 1e12,
         "peak_tflops": peak,
@@ -132,9 +146,11 @@ def main() -> None:
           f"{result['batch_size']}")
     print(f"  examples/s        {result['examples_per_s']:.1f}")
     print(f"  tokens/s          {result['tokens_per_s']:.0f} (real tokens after removal)")
-    print(f"  median step       {result['median_step_ms']:.1f} ms; epoch {result['epoch_s']:.1f} s")
+    print(f"  median step       {result['median_step_ms']:.1f} ms; epoch {result['epoch_s']:.1f} s (mean step × steps)")
     print(f"  compile           {result['compile_s']:.1f} s; train-step compilations: {result['train_step_compiles']}"
           f" over {result['optimizer_resets']} optimizer resets")
+    print(f"  widths            {result['widths']} (expected padding {result['expected_padding'] or 0:.1%} of real "
+          f"tokens); {result['skipped_batches']} batches skipped (max_len_train)")
     mfu = f"; MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g}" if result["mfu"] is not None else ""
     print(f"  model FLOPs       {result['model_tflops_per_s']:.3f} TFLOP/s{mfu}")
     print(json.dumps(result))

@@ -11,9 +11,13 @@ would on the hardware (the approach of MaxText's ``train_compile.py``)::
     icot aot configs/paper/gsm8k_mistral_7b_icot.yaml --topology v5p-8
     icot aot configs/paper/gsm8k_phi3_mini_icot.yaml train.batch_size=64 mesh.tensor=2 --topology v5e-16
 
-The sequence length is ``train.max_len_train`` when set (the longest batch the run trains on), else
-``data.max_length``. The last line printed is JSON (see :meth:`AotReport.to_json`). The exit status is 0
-when the step fits, 1 when it does not.
+The step compiled is the widest one the run executes (:func:`run_shapes`): rows stored at the width the
+run's data has, compacted after removal into the widest output width of the run
+(:mod:`icot_jax.train.widths`; at most ``train.max_len_train``), with the run's vocabulary. When the
+data cannot be read here (files on another machine, a tokenizer on the hub), rows are stored at
+``data.max_length`` and the output width is ``train.max_len_train`` (else ``data.max_length``). The
+last line printed is JSON (see :meth:`AotReport.to_json`). The exit status is 0 when the step fits, 1
+when it does not.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from icot_jax.cli import user_errors_exit
 from icot_jax.config import Config
+from icot_jax.models.hf_configs import BUILTIN_HF_CONFIGS, model_hf_config  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
     import jax
@@ -137,57 +142,6 @@ def tpu_slice(name: str) -> TpuSlice:
 # ------------------------------------------------------------------------------------------ model configs
 
 
-BUILTIN_HF_CONFIGS: dict[str, dict[str, Any]] = {
-    # config.json of each hub repository (architecture fields), for hosts that cannot reach the hub.
-    "mistralai/Mistral-7B-v0.1": dict(
-        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
-        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
-        initializer_range=0.02, bos_token_id=1, eos_token_id=2),
-    "microsoft/Phi-3-mini-4k-instruct": dict(
-        model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
-        original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-        sliding_window=2047, attention_dropout=0.0, embd_pdrop=0.0, resid_pdrop=0.0, tie_word_embeddings=False,
-        initializer_range=0.02, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
-    "gpt2": dict(
-        model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
-        initializer_range=0.02, bos_token_id=50256, eos_token_id=50256),
-    "gpt2-medium": dict(
-        model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=24, n_head=16,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
-        initializer_range=0.02, bos_token_id=50256, eos_token_id=50256),
-}
-BUILTIN_HF_CONFIGS["openai-community/gpt2"] = BUILTIN_HF_CONFIGS["gpt2"]
-BUILTIN_HF_CONFIGS["openai-community/gpt2-medium"] = BUILTIN_HF_CONFIGS["gpt2-medium"]
-
-
-def model_hf_config(config: Config):
-    """The transformers config of ``config.model``, without downloading weights.
-
-    A local folder or the local Hugging Face cache is used first, then :data:`BUILTIN_HF_CONFIGS` (so the
-    paper's models compile offline), then the hub. ``model.overrides`` are applied on top.
-    """
-    import transformers
-
-    m = config.model
-    if m.hf is None:
-        hf_config = transformers.AutoConfig.for_model(m.family)
-    else:
-        try:
-            hf_config = transformers.AutoConfig.from_pretrained(m.hf, local_files_only=True)
-        except OSError:
-            builtin = BUILTIN_HF_CONFIGS.get(m.hf)
-            hf_config = (transformers.AutoConfig.from_pretrained(m.hf) if builtin is None else
-                         transformers.AutoConfig.for_model(**builtin))
-    for key, value in m.overrides.items():
-        if not hasattr(hf_config, key):
-            raise ValueError(f"model.overrides.{key}: {type(hf_config).__name__} has no field '{key}'")
-        setattr(hf_config, key, value)
-    return hf_config
-
-
 # -------------------------------------------------------------------------------------------- compiling
 
 
@@ -200,6 +154,7 @@ class AotReport:
     mesh: dict[str, int]
     batch_size: int
     seq_len: int
+    """The output width: the length of the rows the model runs on (the widest the run executes)."""
     accumulate_steps: int
     remat: str
     num_params: int
@@ -219,6 +174,13 @@ class AotReport:
     """``mesh.scan_layers``: the blocks compiled as one ``jax.lax.scan`` body."""
     error: str | None = None
     """The compiler's message when it ran out of memory."""
+    stored_width: int | None = None
+    """The width the rows are stored at before removal (the step's input)."""
+    widths: list[int] | None = None
+    """Every output width of the run (each compiles once); ``seq_len`` is the widest."""
+    shapes_from: str = ""
+    """``data`` (the run's data was read here) or ``config`` (``data.max_length`` / ``max_len_train``)."""
+    vocab_size: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -230,9 +192,11 @@ class AotReport:
 
         rows = [("topology", f"{self.topology} ({math.prod(self.mesh.values())} chips, mesh {self.mesh})"),
                 ("config", self.config),
-                ("step", f"batch {self.batch_size} × length {self.seq_len}, accumulate {self.accumulate_steps}, "
-                         f"remat {self.remat}, {'scanned' if self.scan_layers else 'unrolled'} layers, "
-                         f"{self.num_params / 1e9:.3f} B parameters"),
+                ("step", f"batch {self.batch_size} × width {self.seq_len} (rows stored at {self.stored_width}), "
+                         f"accumulate {self.accumulate_steps}, remat {self.remat}, "
+                         f"{'scanned' if self.scan_layers else 'unrolled'} layers, "
+                         f"{self.num_params / 1e9:.3f} B parameters, vocabulary {self.vocab_size}"),
+                ("widths", f"{self.widths} (from the run's {self.shapes_from})"),
                 ("arguments", gib(self.argument_bytes)), ("outputs", gib(self.output_bytes)),
                 ("aliased (donated)", gib(self.alias_bytes)), ("temporaries", gib(self.temp_bytes)),
                 ("total per chip", gib(self.bytes_per_device)), ("HBM per chip", gib(self.hbm_bytes_per_device)),
@@ -249,9 +213,53 @@ class AotReport:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def seq_len(config: Config) -> int:
-    """The padded length the step is compiled for: ``train.max_len_train`` if set, else ``data.max_length``."""
-    return config.train.max_len_train or config.data.max_length
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+    """The shapes a run of a config compiles its train step for."""
+
+    stored_width: int
+    """Input rows: the width the run's data is stored at."""
+    widths: tuple[int, ...]
+    """Output widths (each compiles the step once); the last is the widest."""
+    tokenizer: Any
+    """The run's tokenizer (``None`` if it cannot be loaded here)."""
+    source: str
+    """``data`` or ``config`` (see :func:`run_shapes`)."""
+
+
+def run_shapes(config: Config) -> RunShapes:
+    """What a run of ``config`` compiles: read and encode its data (into a temporary folder) and choose its
+    widths exactly as ``icot train`` does; when the data or tokenizer is not available here, fall back to
+    ``data.max_length`` for the stored width and ``train.max_len_train`` (else ``data.max_length``) for
+    the output width."""
+    import tempfile
+    from pathlib import Path
+
+    from icot_jax.data.loader import BatchLoader
+    from icot_jax.train import loop
+
+    t = config.train
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = loop.prepare_data(config, Path(tmp))
+    except OSError:
+        stored = config.data.max_length
+        return RunShapes(stored, (min(t.max_len_train or stored, stored),), _tokenizer_or_none(config), "config")
+    curriculum = loop.make_curriculum(config, len(data.train))
+    loader = BatchLoader(data.train, t.batch_size, seed=t.seed, process_index=0, process_count=1)
+    widths = loop.make_widths(config, curriculum, loader)
+    return RunShapes(int(data.train.buckets[-1]), widths.buckets, data.tokenizer, "data")
+
+
+def _tokenizer_or_none(config: Config):
+    from icot_jax.data.tokenize import load_tokenizer, build_builtin_tokenizer
+
+    if config.data.tokenizer == "builtin":
+        return build_builtin_tokenizer()
+    try:
+        return load_tokenizer(config.data.tokenizer)
+    except OSError:
+        return None
 
 
 def abstract_batch(batch_size: int, length: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
@@ -278,7 +286,8 @@ def compile_train_step(config: Config, slice_name: str, *, config_name: str = ""
     setup = parallel.setup(config.mesh, tpu.devices())
     t, m = config.train, config.model
     setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
-    hf_config = model_hf_config(config)
+    shapes = run_shapes(config)
+    hf_config = model_hf_config(config, shapes.tokenizer)
     optimizer = optimizer_for(t)
     graphdef, state = setup.abstract_state(
         lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype), optimizer, seed=t.seed)
@@ -288,16 +297,17 @@ def compile_train_step(config: Config, slice_name: str, *, config_name: str = ""
                                                      random_position_shift=t.random_position_shift,
                                                      accumulate_steps=t.accumulate_steps),
                      state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
-    length = seq_len(config)
+    width = shapes.widths[-1]
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     report = AotReport(
         topology=tpu.name, config=config_name or config.name, mesh=dict(setup.mesh.shape), batch_size=t.batch_size,
-        seq_len=length, accumulate_steps=t.accumulate_steps, remat=config.mesh.remat, num_params=num_params,
+        seq_len=width, accumulate_steps=t.accumulate_steps, remat=config.mesh.remat, num_params=num_params,
         hbm_bytes_per_device=tpu.generation.hbm_bytes, fits=False, scan_layers=config.mesh.scan_layers,
-        model_flops_per_device=6 * num_params * t.batch_size * length / tpu.chips)
+        model_flops_per_device=6 * num_params * t.batch_size * width / tpu.chips, stored_width=shapes.stored_width,
+        widths=list(shapes.widths), shapes_from=shapes.source, vocab_size=hf_config.vocab_size)
     start = time.perf_counter()
     try:
-        compiled = step.lower(state, *abstract_batch(t.batch_size, length)).compile()
+        compiled = step.lower(state, *abstract_batch(t.batch_size, shapes.stored_width), width).compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise

@@ -103,7 +103,12 @@ class TrainConfig:
     """Training only: shift each example's position ids by a random offset in [0, N] (not in the
     reference; helps small from-scratch models with learned positions survive removal). 0: off."""
     max_len_train: int | None = None
-    """Skip a batch whose post-removal length exceeds this [max_len_train]."""
+    """Skip a batch whose post-removal length exceeds this [max_len_train]; also the widest output width."""
+    length_buckets: list[int] = dataclasses.field(default_factory=list)
+    """Widths the rows are compacted into after removal (each compiles the step once); empty: chosen from
+    the data, at most 8 multiples of ``length_multiple`` (see ``icot_jax.train.widths``)."""
+    length_multiple: int = 8
+    """Automatic widths are multiples of this (128 suits TPU matrix units)."""
     seed: int = 1234
 
 
@@ -288,6 +293,8 @@ def validate(config: Config, where: str = "config") -> Config:
         "data.max_length": config.data.max_length,
         "checkpoint.every_steps": config.checkpoint.every_steps,
         "checkpoint.keep": config.checkpoint.keep,
+        "train.length_multiple": config.train.length_multiple,
+        **{f"train.length_buckets[{i}]": b for i, b in enumerate(config.train.length_buckets)},
     }
     for key, value in positive.items():
         if value < 1:
@@ -297,6 +304,8 @@ def validate(config: Config, where: str = "config") -> Config:
             f"{where}: train.batch_size ({config.train.batch_size}) must be divisible by "
             f"train.accumulate_steps ({config.train.accumulate_steps})"
         )
+    if config.train.max_len_train is not None and config.train.max_len_train < 1:
+        raise ConfigError(f"{where}: key 'train.max_len_train' must be >= 1 or null, got {config.train.max_len_train}")
     if config.train.random_position_shift < 0:
         raise ConfigError(f"{where}: key 'train.random_position_shift' must be >= 0, got "
                           f"{config.train.random_position_shift}")

@@ -20,7 +20,7 @@ Typical use in a training loop::
     step = TrainStep(graphdef, optimizer, step_config, state_sharding=setup.shardings(state),
                      batch_sharding=setup.batch_sharding)
     loader = BatchLoader(data, batch_size, **setup.host_rows(batch_size))
-    state, metrics = step(state, *setup.put(batch, n_remove))
+    state, metrics = step(state, *setup.put(batch, n_remove), widths.width(plan.batch_length))
 """
 
 from __future__ import annotations

@@ -174,17 +174,16 @@ def post_removal_lengths(seps: np.ndarray, n_remove: np.ndarray) -> np.ndarray:
 
 
 def reference_batch_length(seps: np.ndarray, n_remove: np.ndarray, example_mask: np.ndarray) -> int:
-    """The padded length the reference's batch has after removal, which its ``max_len_train`` skip tests.
+    """The length of the batch after removal: its longest real row (0 when it has none).
 
-    The reference cuts each *padded* row and re-pads to the longest result, so the length is
-    ``max(original lengths) - min(removed)`` over the real examples -- at least the longest
-    post-removal example, more when examples of different lengths lose different counts.
+    The reference (at its current commit) cuts each row at its own last EOS after removal and re-pads the
+    batch, so this is the length its ``max_len_train`` skip tests, and the narrowest width the compacted
+    batch fits in.
     """
     real = np.asarray(example_mask, bool)
     if not real.any():
         return 0
-    seps = np.asarray(seps)[real]
-    return int((seps[:, 2] + 1).max() - removed_counts(seps, np.asarray(n_remove)[real]).min())
+    return int(post_removal_lengths(np.asarray(seps)[real], np.asarray(n_remove)[real]).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +202,10 @@ class StepPlan:
     reset_optimizer: bool
     """Rebuild the optimizer state before this batch's update."""
     batch_length: int
-    """:func:`reference_batch_length` of this batch: compare with ``max_len_train`` to skip it."""
+    """:func:`reference_batch_length`: the longest real row after removal."""
+    skip: bool = False
+    """``batch_length`` exceeds the curriculum's ``max_len_train``: the batch is not trained on (the
+    schedule has still advanced past it, as in the reference)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +223,12 @@ class Curriculum:
     reset_optimizer: bool = True
     """Reset the optimizer when the schedule advances while the previous batch still had CoT."""
     seed: int = 0
+    max_len_train: int | None = None
+    """Skip batches longer than this after removal [max_len_train]; ``None`` trains on every batch."""
 
     def __post_init__(self):
+        if self.max_len_train is not None and self.max_len_train < 1:
+            raise ValueError(f"max_len_train must be >= 1 or None, got {self.max_len_train}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         offset_distribution(self.smoothing_lambda)  # validates λ
@@ -268,13 +274,22 @@ class Curriculum:
         state = self.state(step)
         n_remove = np.where(real, self.n_remove(step, len(seps)), 0).astype(np.int32)
         cot_left = bool((real & (removed_counts(seps, n_remove) < cot_lengths(seps))).any())
+        batch_length = reference_batch_length(seps, n_remove, real)
         return StepPlan(
             schedule=state,
             n_remove=n_remove,
             cot_left=cot_left,
             reset_optimizer=self.reset_optimizer and state.advanced and prev_cot_left,
-            batch_length=reference_batch_length(seps, n_remove, real),
+            batch_length=batch_length,
+            skip=self.max_len_train is not None and batch_length > self.max_len_train,
         )
+
+    def fewest_removed(self) -> int:
+        """The smallest count any batch of the run removes from a row (before clipping to its CoT): the
+        longest a row can be after removal is its length minus this many CoT tokens."""
+        if self.mode == "explicit":
+            return 0
+        return REMOVE_ALL if self.mode == "no_cot" else self.schedule.remove_start_from
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,16 +297,16 @@ class Curriculum:
 
 
 class Removed(NamedTuple):
-    """The output of :func:`remove_cot`; every array keeps the input's ``[B, L]`` (or ``[B, 3]``) shape."""
+    """The output of :func:`remove_cot`: ``[B, W]`` arrays (``W`` the output width) and ``[B]``/``[B, 3]``."""
 
     input_ids: jax.Array
-    """``int32[B, L]``: kept tokens compacted to the left, ``pad_id`` after the last EOS."""
+    """``int32[B, W]``: kept tokens compacted to the left, ``pad_id`` after the last EOS."""
     position_ids: jax.Array
-    """``int32[B, L]``: ``0, 1, ...`` (or the original positions of kept tokens with ``keep_position``)."""
+    """``int32[B, W]``: ``0, 1, ...`` (or the original positions of kept tokens with ``keep_position``)."""
     attention_mask: jax.Array
-    """``bool[B, L]``: True for real tokens (up to and including the last EOS)."""
+    """``bool[B, W]``: True for real tokens (up to and including the last EOS)."""
     loss_mask: jax.Array
-    """``bool[B, L]``: True where ``input_ids`` holds a training target (after the first EOS, up to and
+    """``bool[B, W]``: True where ``input_ids`` holds a training target (after the first EOS, up to and
     including the last EOS). Position ``j`` is predicted from ``logits[:, j - 1]``."""
     seps: jax.Array
     """``int32[B, 3]``: separator positions after removal."""
@@ -300,7 +315,7 @@ class Removed(NamedTuple):
 
 
 def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.Array, *, side: str = "left",
-               keep_position: bool = False, pad_id: int) -> Removed:
+               keep_position: bool = False, pad_id: int, width: int | None = None) -> Removed:
     """Delete ``n_remove[i]`` CoT tokens from row ``i`` and shift the rest left, inside jit.
 
     ``side="left"`` deletes positions ``[sep0 + 1, min(sep0 + 1 + n, sep1))`` (the paper), ``"right"``
@@ -308,18 +323,26 @@ def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.Array, *, si
     ``j`` reads input position ``j`` before the removed span and ``j + removed`` from its start on; the
     freed tail becomes ``pad_id``. One gather, no data-dependent shapes.
 
+    ``width`` (static; default: the input's length) is the output's length. Rows are read at their stored
+    width and written compacted into ``width`` columns, so a batch that lost most of its CoT costs the
+    model only the tokens it has left. The caller chooses ``width`` >= every row's length after removal
+    (:func:`post_removal_lengths`; a longer row would lose its tail, which no check inside jit can see).
+
     With ``keep_position=True`` kept tokens keep their original position ids. (The reference also shifts
     the token just before the span -- an off-by-one we do not reproduce.)
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    length = input_ids.shape[1]
+    width = length if width is None else width
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
     seps = seps.astype(jnp.int32)
     q_end, cot_end, last = seps[:, 0], seps[:, 1], seps[:, 2]
     cot_len = jnp.maximum(cot_end - q_end - 1, 0)
     removed = jnp.clip(n_remove.astype(jnp.int32), 0, cot_len)  # before any arithmetic: REMOVE_ALL is safe
     start = q_end + 1 if side == "left" else cot_end - removed
-    length = input_ids.shape[1]
-    j = jnp.arange(length, dtype=jnp.int32)[None, :]
+    j = jnp.arange(width, dtype=jnp.int32)[None, :]
     source = j + jnp.where(j >= start[:, None], removed[:, None], 0)
     new_seps = seps - removed[:, None] * jnp.array([0, 1, 1], jnp.int32)
     attention_mask = j <= new_seps[:, 2:3]

@@ -47,7 +47,8 @@ def test_paper_models_resolve_offline():
     config = load_config("configs/paper/gsm8k_mistral_7b_icot.yaml")
     hf_config = aot.model_hf_config(config)
     assert (hf_config.model_type, hf_config.hidden_size, hf_config.num_key_value_heads) == ("mistral", 4096, 8)
-    assert aot.seq_len(config) == 150  # train.max_len_train, not data.max_length
+    shapes = aot.run_shapes(config)  # no GSM8K files nor Mistral tokenizer here: the config's lengths
+    assert (shapes.stored_width, shapes.widths, shapes.source) == (1024, (150,), "config")
     phi3 = aot.model_hf_config(load_config("configs/paper/gsm8k_phi3_mini_icot.yaml", ["model.overrides.num_hidden_layers=2"]))
     assert (phi3.model_type, phi3.vocab_size, phi3.num_hidden_layers) == ("phi3", 32064, 2)
 
@@ -92,6 +93,21 @@ def test_a_step_that_cannot_fit_is_reported(tmp_path, capsys):
     status, report = _run(tmp_path, capsys, {**TINY, "vocab_size": 20_000_000}, "v5e-1")
     assert status == 1
     assert report["fits"] is False
+
+
+@needs_libtpu
+def test_compiles_the_step_a_from_scratch_run_executes(tmp_path, capsys):
+    from icot_jax.data.tokenize import build_builtin_tokenizer
+
+    parser = argparse.ArgumentParser()
+    aot.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["aot", "configs/cpu/mult_2x2_tiny_icot.yaml", "data.generate_train=500",
+                              "--topology", "v5e-1"])
+    assert args.run(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["vocab_size"] == len(build_builtin_tokenizer())  # not GPT-2's 50,257 rows
+    assert report["shapes_from"] == "data" and report["stored_width"] == 21  # 2x2 rows: 21 tokens
+    assert report["seq_len"] == report["widths"][-1] <= 21 and len(report["widths"]) <= 8
 
 
 def test_icot_aot_is_a_subcommand_and_names_a_bad_topology(tmp_path, capsys):

@@ -101,12 +101,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 def test_metrics_fields_and_outputs(uninterrupted):
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     for record in records:
-        for key in ("step", "epoch", "scheduled_to_remove", "loss", "token_accuracy", "train_step_compiles"):
+        for key in ("step", "epoch", "scheduled_to_remove", "loss", "token_accuracy", "train_step_compiles",
+                    "batch_width", "skipped_batches"):
             assert key in record, key
-    assert {r["train_step_compiles"] for r in records} == {1}
+    # Batches narrow as the CoT goes; each width compiles the step once, and no other compile happens.
+    widths = [r["batch_width"] for r in records]
+    assert widths[0] > widths[-1] and widths == sorted(widths, reverse=True)
+    assert [r["train_step_compiles"] for r in records] == [len(set(widths[:i + 1])) for i in range(len(widths))]
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["train_step_compiles"] == len(set(widths)) <= len(summary["length_buckets"]) <= 8
+    assert set(widths) <= set(summary["length_buckets"]) and summary["skipped_batches"] == 0
     assert records[0]["scheduled_to_remove"] == 0 and records[-1]["scheduled_to_remove"] > 0
     for name in ("config.yaml", "curriculum.png", "summary.json", "tokenizer", "model", "tensorboard"):
         assert (uninterrupted / name).exists(), name
+
+
+def test_max_len_train_skips_and_counts_batches_and_caps_the_width(tmp_path):
+    # 2x2 rows are 21 tokens; the pretraining epoch removes nothing, so all its 8 batches are too long.
+    config = load_config(DEMO_CONFIG, [*TINY, "train.epochs=2", "train.max_len_train=19", f"run_dir={tmp_path / 'run'}"])
+    summary = train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["length_buckets"][-1] == 19 and all(r["batch_width"] <= 19 for r in records)
+    assert 8 <= summary["skipped_batches"] < 16 and records[-1]["skipped_batches"] == summary["skipped_batches"]
+    assert len(records) == 16 - summary["skipped_batches"]  # every trained batch logged, no skipped one
 
 
 def test_evaluation_logs_val_accuracy_and_best(tmp_path):

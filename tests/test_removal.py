@@ -16,7 +16,7 @@ EOS = 0
 IGNORE = -100
 ROWS, LENGTH = 4, 24
 
-jit_remove_cot = jax.jit(remove_cot, static_argnames=("side", "keep_position", "pad_id"))
+jit_remove_cot = jax.jit(remove_cot, static_argnames=("side", "keep_position", "pad_id", "width"))
 
 
 def reference_remove(tokens, seps, to_remove, side, keep_position, shift_from_previous=False):
@@ -83,6 +83,22 @@ def test_remove_cot_matches_reference_loop(batch, side, keep_position):
         assert out.seps[i].tolist() == [j for j, t in enumerate(tokens) if t == EOS]
         assert out.n_removed[i] == len(real) - n == removed_counts(seps, n_remove)[i]
         assert post_removal_lengths(seps, n_remove)[i] == n
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=examples(), side=st.sampled_from(["left", "right"]), keep_position=st.booleans(),
+       extra=st.integers(0, 3))
+def test_narrower_output_width_is_the_full_width_output_cut(batch, side, keep_position, extra):
+    input_ids, seps, n_remove = batch
+    width = int(post_removal_lengths(seps, n_remove).max()) + extra
+    kwargs = dict(side=side, keep_position=keep_position, pad_id=EOS)
+    full = jax.device_get(jit_remove_cot(input_ids, seps, n_remove, **kwargs))
+    cut = jax.device_get(jit_remove_cot(input_ids, seps, n_remove, width=width, **kwargs))
+    for name in ("input_ids", "position_ids", "attention_mask", "loss_mask"):
+        assert getattr(cut, name).shape == (ROWS, width)
+        np.testing.assert_array_equal(getattr(cut, name), getattr(full, name)[:, :width], err_msg=name)
+    np.testing.assert_array_equal(cut.seps, full.seps)
+    np.testing.assert_array_equal(cut.n_removed, full.n_removed)
 
 
 def test_keep_position_fixes_reference_off_by_one():

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, sample_offsets
+from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, reference_batch_length, sample_offsets
 
 EOS = 0
 
@@ -30,8 +30,10 @@ def reference_run(num_examples, batch_size, epochs, remove_per_epoch, pretrain_e
     """The reference's training loop (src/train.py, left-side removal, --reset_optimizer), minus the model.
 
     Yields per batch: scheduled_to_remove, to_remove per example (None when the removal block is skipped),
-    whether the optimizer is reset, whether all CoT was removed, and the batch length after removal.
-    The smoothing offsets come from our ``sample_offsets`` (the RNG stream is not the reference's).
+    whether the optimizer is reset, whether all CoT was removed, and the batch length after removal (at
+    the reference's current commit each row is cut at its own last EOS and the batch re-padded, so the
+    length is the longest row after removal). The smoothing offsets come from our ``sample_offsets`` (the
+    RNG stream is not the reference's).
     """
     steps_per_epoch = -(-num_examples // batch_size)  # len(train_dataloader)
     steps_per_removed_token = int(round(steps_per_epoch / remove_per_epoch))
@@ -60,9 +62,8 @@ def reference_run(num_examples, batch_size, epochs, remove_per_epoch, pretrain_e
             seps = batches[step]
             rows = len(seps)
             lengths = seps[:, 2] + 1
-            padded_length = lengths.max()
             to_remove = None
-            cut_lengths = [padded_length] * rows
+            cut_lengths = list(lengths)
             all_cot_removed_in_batch = False
             if scheduled_to_remove > 0 or removal_smoothing_lambda != float("inf"):
                 offsets = sample_offsets(removal_smoothing_lambda, seed=seed, step=step, batch_size=batch_size)
@@ -78,7 +79,7 @@ def reference_run(num_examples, batch_size, epochs, remove_per_epoch, pretrain_e
                     if removal_to_position < seps[b, 1]:
                         all_cot_removed_in_batch = False
                     removal_to_position = min(removal_to_position, seps[b, 1])
-                    cut_lengths.append(padded_length - (removal_to_position - removal_from_position))
+                    cut_lengths.append(lengths[b] - (removal_to_position - removal_from_position))
             all_cot_removed_in_prev_batch = all_cot_removed_in_batch
             yield scheduled_to_remove, to_remove, reset, all_cot_removed_in_batch, max(cut_lengths)
             step += 1
@@ -122,6 +123,27 @@ def test_curriculum_matches_reference_loop(case):
         assert plan.batch_length == length, step
         prev_cot_left, resets = plan.cot_left, resets + reset
     assert resets > 0 or start >= threshold  # the table exercises resets except when all is gone at once
+
+
+def test_batch_length_is_the_longest_row_after_removal():
+    # The issue's minimal case: rows [10,7,11,12,13,14,7,15,7] and [10,7,7,15,7] (EOS = 7), 4 removed.
+    seps = np.array([[1, 6, 8], [1, 2, 4]], np.int32)
+    assert reference_batch_length(seps, np.array([4, 4], np.int32), np.ones(2, bool)) == 5
+    assert reference_batch_length(seps, np.array([4, 4], np.int32), np.array([False, True])) == 5
+    assert reference_batch_length(seps, np.array([0, 0], np.int32), np.array([True, False])) == 9
+    assert reference_batch_length(seps, np.array([0, 0], np.int32), np.zeros(2, bool)) == 0
+
+
+def test_max_len_train_skips_batches_longer_after_removal():
+    schedule = Schedule(num_examples=8, batch_size=2, remove_per_epoch=4)  # S = 1: one more token per batch
+    curriculum = Curriculum(schedule, smoothing_lambda=math.inf, max_len_train=7)
+    seps = np.array([[1, 6, 8], [1, 2, 4]], np.int32)
+    plans = [curriculum.plan(step, seps, np.ones(2, bool)) for step in range(4)]
+    assert [p.batch_length for p in plans] == [9, 8, 7, 6]
+    assert [p.skip for p in plans] == [True, True, False, False]
+    assert not any(Curriculum(schedule).plan(step, seps, np.ones(2, bool)).skip for step in range(4))
+    with pytest.raises(ValueError, match="max_len_train"):
+        Curriculum(schedule, max_len_train=0)
 
 
 def test_schedule_is_closed_form_at_any_step():

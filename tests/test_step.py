@@ -11,8 +11,9 @@ import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from icot_jax.models.hf import from_config
-from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, removed_counts
+from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule, post_removal_lengths, removed_counts
 from icot_jax.train.step import StepConfig, TrainStep, init_train_state, make_optimizer, shift_positions, split_model
+from icot_jax.train.widths import Widths
 
 VOCAB, EOS = 20, 0
 
@@ -82,21 +83,27 @@ def test_loss_and_accumulated_gradients_match_the_unpadded_reference():
     expected = reference_loss(model, batch, n_remove)
     sgd = optax.sgd(1.0)  # new params = params - grads: the update *is* the gradient
 
-    def run(accumulate_steps):
+    def run(accumulate_steps, width=None):
         graphdef, state = fresh(model, sgd)
         before = host(state.params)
         step = TrainStep(graphdef, sgd, StepConfig(pad_id=EOS, accumulate_steps=accumulate_steps))
-        evaluation = host(step.evaluate(state, batch, n_remove))
-        state, metrics = step(state, batch, n_remove)
+        evaluation = host(step.evaluate(state, batch, n_remove, width))
+        state, metrics = step(state, batch, n_remove, width)
         return jax.tree.map(lambda b, a: b - a, before, host(state.params)), host(metrics), evaluation
 
     full, metrics, evaluation = run(1)
     accumulated, accumulated_metrics, _ = run(4)
+    narrowest = int(post_removal_lengths(batch["seps"], n_remove)[batch["example_mask"]].max())
+    assert narrowest < 24
+    narrow, narrow_metrics, narrow_evaluation = run(2, width=narrowest)  # the rows compacted, nothing cut
     assert len({target_count(batch, n_remove, slice(m, None, 4)) for m in range(4)}) > 1  # uneven micro-batches
-    for value in (metrics["loss"], accumulated_metrics["loss"], evaluation["loss"]):
+    for value in (metrics["loss"], accumulated_metrics["loss"], evaluation["loss"], narrow_metrics["loss"],
+                  narrow_evaluation["loss"]):
         assert value == pytest.approx(expected, rel=1e-6)
-    for f, a in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
+    assert (metrics["batch_width"], narrow_metrics["batch_width"]) == (24, narrowest)
+    for f, a, n in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated), jax.tree.leaves(narrow)):
         np.testing.assert_allclose(a, f, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(n, f, rtol=1e-5, atol=1e-7)
     assert metrics["n_target_tokens"] == evaluation["n_target_tokens"] == target_count(batch, n_remove)
     real = batch["example_mask"]
     removed = removed_counts(batch["seps"], n_remove)[real]
@@ -112,7 +119,8 @@ RESUME_AT = 5  # a checkpoint in the middle of the curriculum, before more reset
 def curriculum_run():
     """Tiny GPT-2 (dropout 0.1, AdamW, 2 micro-batches) through a whole curriculum: nothing removed ->
     smoothing and resets -> the remove-all jump, then a second batch shape. Keeps the compiled step, the
-    curriculum, the batches, every plan and metric, a mid-run checkpoint and the final state."""
+    curriculum, the batches, every plan and metric, a mid-run checkpoint and the final state. Each batch
+    runs at the smallest of a few output widths that holds it after removal."""
     rng = np.random.default_rng(2)
     batch_size, num_examples = 4, 22
     # E = 6 batches per epoch, S = 1: one more token per batch; remove-all once 7 are scheduled.
@@ -121,7 +129,8 @@ def curriculum_run():
     optimizer = make_optimizer(1e-3)
     graphdef, state = fresh(tiny_gpt2(dropout=0.1), optimizer)
     step = TrainStep(graphdef, optimizer, StepConfig(pad_id=EOS, accumulate_steps=2))
-    run = {"step": step, "curriculum": curriculum, "batches": [], "plans": [], "metrics": []}
+    widths = Widths((8, 12, 16, 24, 32))
+    run = {"step": step, "curriculum": curriculum, "widths": widths, "batches": [], "plans": [], "metrics": []}
     prev_cot_left = True
     for index in range(3 * schedule.steps_per_epoch):
         length = 24 if index < 2 * schedule.steps_per_epoch else 32  # a second bucket in the last epoch
@@ -132,7 +141,7 @@ def curriculum_run():
         plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
         if plan.reset_optimizer:
             state = step.reset_optimizer(state)
-        state, metrics = step(state, batch, plan.n_remove)
+        state, metrics = step(state, batch, plan.n_remove, widths.width(plan.batch_length))
         prev_cot_left = plan.cot_left
         for key, value in (("batches", batch), ("plans", plan), ("metrics", host(metrics))):
             run[key].append(value)
@@ -142,9 +151,11 @@ def curriculum_run():
 
 def test_whole_curriculum_compiles_once_per_batch_shape(curriculum_run):
     run = curriculum_run
-    assert run["step"].compiles == 2
-    lengths = [batch["input_ids"].shape[1] for batch in run["batches"]]
-    assert [m["train_step_compiles"] for m in run["metrics"]] == [1 if n == 24 else 2 for n in lengths]
+    shapes = [(batch["input_ids"].shape[1], plan.batch_length) for batch, plan in zip(run["batches"], run["plans"])]
+    used = [(stored, run["widths"].width(length)) for stored, length in shapes]
+    assert [m["batch_width"] for m in run["metrics"]] == [width for _, width in used]
+    assert [m["train_step_compiles"] for m in run["metrics"]] == [len(set(used[:i + 1])) for i in range(len(used))]
+    assert run["step"].compiles == len(set(used)) >= 4  # widths shrink with the CoT; a second stored shape
     scheduled = [plan.schedule.scheduled_to_remove for plan in run["plans"]]
     assert scheduled[0] == 0 and scheduled[-1] == math.inf and scheduled == sorted(scheduled)
     resets = [i for i, plan in enumerate(run["plans"]) if plan.reset_optimizer]
@@ -169,16 +180,16 @@ def test_resume_mid_curriculum_is_exact(curriculum_run):
                                prev_cot_left=prev_cot_left)
         assert plan.reset_optimizer == run["plans"][index].reset_optimizer
         state = step.reset_optimizer(state) if plan.reset_optimizer else state
-        state, metrics = step(state, batches[index], plan.n_remove)
+        state, metrics = step(state, batches[index], plan.n_remove, run["widths"].width(plan.batch_length))
         assert float(metrics["loss"]) == run["metrics"][index]["loss"]  # same dropout masks
         prev_cot_left = plan.cot_left
     for a, b in zip(jax.tree.leaves(run["final"]), jax.tree.leaves(host(state))):
         np.testing.assert_array_equal(a, b)
     # Dropout follows the step in the state: the same params and batch at another step draw other masks.
     moved = jax.tree.map(jnp.asarray, run["checkpoint"]).replace(step=jnp.asarray(RESUME_AT + 1, jnp.int32))
-    _, other = step(moved, batches[RESUME_AT], run["plans"][RESUME_AT].n_remove)
+    _, other = step(moved, batches[RESUME_AT], run["plans"][RESUME_AT].n_remove, run["metrics"][RESUME_AT]["batch_width"])
     assert float(other["loss"]) != run["metrics"][RESUME_AT]["loss"]
-    assert step.compiles == 2
+    assert step.compiles == run["metrics"][-1]["train_step_compiles"]  # resuming compiled nothing new
 
 
 @pytest.mark.parametrize("dtype, param_dtype", [
@@ -247,6 +258,8 @@ def test_bad_batches_are_named():
     batch = make_batch(np.random.default_rng(8), 4, 24)
     with pytest.raises(KeyError, match="seps"):
         step.evaluate(state, {k: v for k, v in batch.items() if k != "seps"}, np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        step.evaluate(state, batch, np.zeros(4, np.int32), 0)
     with pytest.raises(TypeError, match=r"batch\['input_ids'\] must be int32"):
         step.evaluate(state, {**batch, "input_ids": batch["input_ids"].astype(np.int64)}, np.zeros(4, np.int32))
     with pytest.raises(TypeError, match="n_remove must be int32"):

@@ -32,11 +32,13 @@ from icot_jax.config import Config, load_config, save_config
 from icot_jax.data.formats import read_examples
 from icot_jax.data.loader import BatchLoader
 from icot_jax.data.tokenize import EncodedDataset, encode_examples, load_tokenizer, save_builtin_tokenizer
+from icot_jax.models.hf_configs import model_hf_config
 from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
-from icot_jax.removal import Curriculum, Schedule
+from icot_jax.removal import Curriculum, Schedule, reference_batch_length
 from icot_jax.rundir import RunDir
 from icot_jax.train.logs import MetricsLog, plot_run
 from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, optimizer_for, split_model
+from icot_jax.train.widths import Widths, plan_widths, round_up
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,26 +98,6 @@ def prepare_data(config: Config, run_dir: Path) -> RunData:
                    encode("test", d.max_eval_examples))
 
 
-def _hf_config(config: Config, tokenizer: Any):
-    """The transformers config of the model (from ``model.hf`` or ``model.family``, plus overrides)."""
-    import transformers
-
-    m = config.model
-    if m.hf:
-        hf_config = transformers.AutoConfig.from_pretrained(m.hf)
-    else:
-        hf_config = transformers.AutoConfig.for_model(m.family)
-    for key, value in m.overrides.items():
-        if not hasattr(hf_config, key):
-            raise ValueError(f"model.overrides.{key}: {type(hf_config).__name__} has no field '{key}'")
-        setattr(hf_config, key, value)
-    if m.from_scratch:
-        hf_config.vocab_size = len(tokenizer)
-        hf_config.eos_token_id = tokenizer.eos_token_id
-        hf_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return hf_config
-
-
 def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.Setup, optimizer):
     """``(graphdef, state)``: the initial train state (random init or HF weights), created directly in its
     shards on ``setup``'s mesh. The model's HF config is saved to ``run_dir/model``."""
@@ -123,7 +105,7 @@ def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.S
 
     m, seed = config.model, config.train.seed
     if m.from_scratch:
-        hf_config = _hf_config(config, tokenizer)
+        hf_config = model_hf_config(config, tokenizer)
         graphdef, state = setup.init_state(
             lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=seed), optimizer, seed=seed)
     else:
@@ -161,13 +143,22 @@ def load_run_model(run_dir: Path | str, which: str = "best"):
 
 
 def make_curriculum(config: Config, n_train: int) -> Curriculum:
-    """The run's curriculum from its config and training-set size."""
+    """The run's curriculum (schedule, smoothing, resets, length skip) from its config and training-set size."""
     t = config.train
     schedule = Schedule(num_examples=n_train, batch_size=t.batch_size, remove_per_epoch=t.remove_per_epoch,
                         pretrain_epochs=t.pretrain_epochs, remove_start_from=t.remove_start_from,
                         remove_all_when_remove_beyond=t.remove_all_when_remove_beyond)
     return Curriculum(schedule=schedule, mode=t.mode, smoothing_lambda=t.removal_smoothing_lambda,
-                      reset_optimizer=t.reset_optimizer, seed=t.seed)
+                      reset_optimizer=t.reset_optimizer, seed=t.seed, max_len_train=t.max_len_train)
+
+
+def make_widths(config: Config, curriculum: Curriculum, loader: BatchLoader) -> Widths:
+    """The run's output widths (``train.length_buckets`` or chosen from the data; see
+    :func:`icot_jax.train.widths.plan_widths`), the same on every host."""
+    t = config.train
+    loader = global_view(loader)
+    return plan_widths(curriculum, loader, loader.steps_per_epoch * t.epochs, multiple=t.length_multiple,
+                       buckets=t.length_buckets)
 
 
 @dataclasses.dataclass
@@ -181,6 +172,8 @@ class Trainer:
     state: TrainState
     curriculum: Curriculum
     loader: BatchLoader
+    widths: Widths
+    """Output widths of the train step (one compilation each)."""
 
 
 def _check_position_table(model_config: Any, width: int, shift: int) -> None:
@@ -208,9 +201,10 @@ def build_trainer(config: Config, run_dir: Path) -> Trainer:
                                                      accumulate_steps=t.accumulate_steps,
                                                      random_position_shift=t.random_position_shift),
                      state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
-    return Trainer(data=data, setup=setup, graphdef=graphdef, step=step, state=state,
-                   curriculum=make_curriculum(config, len(data.train)),
-                   loader=BatchLoader(data.train, t.batch_size, seed=t.seed, **setup.host_rows(t.batch_size)))
+    curriculum = make_curriculum(config, len(data.train))
+    loader = BatchLoader(data.train, t.batch_size, seed=t.seed, **setup.host_rows(t.batch_size))
+    return Trainer(data=data, setup=setup, graphdef=graphdef, step=step, state=state, curriculum=curriculum,
+                   loader=loader, widths=make_widths(config, curriculum, loader))
 
 
 def default_run_dir(config: Config) -> str:
@@ -232,18 +226,24 @@ def is_new_best(best_accuracy: float | None, accuracy: float, *, cot_left: bool)
 
 
 def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int, *,
-                   setup: parallel.Setup | None = None) -> dict:
+                   setup: parallel.Setup | None = None, widths: Widths | None = None) -> dict:
     """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts.
 
-    Every host reads whole batches; with ``setup`` they are placed on its mesh (needed across hosts).
+    Each batch runs at the smallest of ``widths`` that holds it after removal (the stored width when
+    none does: evaluation never skips a batch); without ``widths``, at its length after removal rounded
+    up to a multiple of 8 (one compilation per width met). Every host reads whole batches;
+    with ``setup`` they are placed on its mesh (needed across hosts).
     """
     loader = BatchLoader(data, batch_size, shuffle=False, process_index=0, process_count=1)
     totals = np.zeros(3)
     for batch in loader.iter_epoch(0):
         n_remove = n_remove_fn(batch_size)
+        stored = batch["input_ids"].shape[1]
+        length = reference_batch_length(batch["seps"], n_remove, batch["example_mask"])
+        width = min(round_up(length, 8), stored) if widths is None else widths.width_or(length, stored)
         if setup is not None:
             batch, n_remove = setup.put(batch, n_remove, whole=True)
-        out = step.evaluate(state, batch, n_remove)
+        out = step.evaluate(state, batch, n_remove, width)
         totals += [float(out["loss_sum"]), float(out["n_correct"]), float(out["n_target_tokens"])]
     loss = totals[0] / max(totals[2], 1)
     return {"val_loss": float(loss), "val_token_accuracy": float(totals[1] / max(totals[2], 1)),
@@ -330,15 +330,16 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     t = config.train
     trainer = build_trainer(config, run_dir)
     data, setup, graphdef, step_fn, state = trainer.data, trainer.setup, trainer.graphdef, trainer.step, trainer.state
-    curriculum, loader = trainer.curriculum, trainer.loader
+    curriculum, loader, widths = trainer.curriculum, trainer.loader, trainer.widths
     del trainer  # the train step donates the state's buffers: keep no other reference
     global_loader = global_view(loader)
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
     checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
-    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None}
+    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None, "skipped_batches": 0}
     if resume_dir is not None and checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
+        state, saved_meta = checkpoints.restore(state)
+        meta.update(saved_meta)
     log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if writer else None
     preemption = _Preemption()
     bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or not writer,
@@ -361,7 +362,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             return record
         record.update(teacher_forced(step_fn, state, data.valid,
                                      lambda b: curriculum.eval_n_remove(batch_index - 1, b),
-                                     config.eval.batch_size, setup=setup))
+                                     config.eval.batch_size, setup=setup, widths=widths))
         eval_model = nnx_merge(graphdef, state)
 
         def gaps(split: EncodedDataset):
@@ -391,10 +392,11 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             last_plan = plan
             if plan.reset_optimizer:
                 state = step_fn.reset_optimizer(state)
-            skipped = t.max_len_train is not None and plan.batch_length > t.max_len_train
             metrics = None
-            if not skipped:
-                state, metrics = step_fn(state, *setup.put(batch, n_remove))
+            if plan.skip:
+                meta["skipped_batches"] += 1
+            else:
+                state, metrics = step_fn(state, *setup.put(batch, n_remove), widths.width(plan.batch_length))
             meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
             end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
             logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
@@ -405,7 +407,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                 scheduled = max_cot if plan.schedule.remove_all else int(plan.schedule.scheduled_to_remove)
                 log_record({"step": batch_index + 1, "epoch": epoch, "scheduled_to_remove": scheduled,
                             "remove_all": plan.schedule.remove_all, "reset_optimizer": plan.reset_optimizer,
-                            **metrics, "elapsed_s": time.time() - start})
+                            **metrics, "skipped_batches": meta["skipped_batches"], "elapsed_s": time.time() - start})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}",
                                 remove="all" if plan.schedule.remove_all else scheduled)
             bar.update(1)
@@ -436,7 +438,9 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
         if log is not None:
             log.close()
     summary.update(steps=meta["batch_index"], best_accuracy=meta["best_accuracy"], best_step=meta["best_step"],
-                   train_step_compiles=step_fn.compiles, seconds=time.time() - start,
+                   train_step_compiles=step_fn.compiles, length_buckets=list(widths.buckets),
+                   expected_padding=widths.padding, skipped_batches=meta["skipped_batches"],
+                   seconds=time.time() - start,
                    final_remove_all=bool(last_plan and last_plan.schedule.remove_all))
     if writer:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,9 +1,12 @@
 """One compiled train step for the whole curriculum: in-graph removal, masked loss, AdamW update.
 
-``TrainStep(graphdef, optimizer, config)(state, batch, n_remove) -> (state, metrics)`` is a pure
+``TrainStep(graphdef, optimizer, config)(state, batch, n_remove, width) -> (state, metrics)`` is a pure
 function under plain ``jax.jit`` with the state donated. The removal count per example is an ordinary
 ``int32[B]`` input, so the schedule moves from "nothing removed" to "everything removed" (smoothing,
-optimizer resets and all) without a single recompilation; ``metrics["train_step_compiles"]`` proves it.
+optimizer resets and all) without recompiling. The only static input is ``width``, the length the
+compacted rows are written into: the host picks it per batch from a few buckets
+(:mod:`icot_jax.train.widths`) so that compute follows the tokens left, and each bucket compiles once;
+``metrics["train_step_compiles"]`` proves it.
 """
 
 from __future__ import annotations
@@ -128,8 +131,8 @@ class TrainStep:
         self._traces = 0
         data = (state_sharding, batch_sharding, batch_sharding)
         self._train = jax.jit(self._train_step, in_shardings=data, out_shardings=(state_sharding, None),
-                              donate_argnums=0)
-        self._eval = jax.jit(self._eval_step, in_shardings=data)
+                              donate_argnums=0, static_argnums=3)
+        self._eval = jax.jit(self._eval_step, in_shardings=data, static_argnums=3)
         self._reset = jax.jit(self._reset_optimizer, in_shardings=(state_sharding,),
                               out_shardings=state_sharding, donate_argnums=0)
 
@@ -138,20 +141,30 @@ class TrainStep:
         """How many times the train step has been traced (= compiled by ``jax.jit``) so far."""
         return self._traces
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any) -> tuple[TrainState, dict]:
-        """One update. ``state`` is donated: use only the returned one. Metrics are scalars."""
-        state, metrics = self._train(state, _select(batch, n_remove), n_remove)
-        return state, {**metrics, "train_step_compiles": self.compiles}
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any,
+                 width: int | None = None) -> tuple[TrainState, dict]:
+        """One update. ``state`` is donated: use only the returned one. Metrics are scalars.
 
-    def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any) -> jax.stages.Lowered:
+        ``width`` (default: the batch's stored length) is the static length of the rows after removal;
+        it must hold every row's post-removal length (:func:`icot_jax.removal.post_removal_lengths`).
+        """
+        batch = _select(batch, n_remove)
+        width = _checked_width(batch, width)
+        state, metrics = self._train(state, batch, n_remove, width)
+        return state, {**metrics, "train_step_compiles": self.compiles, "batch_width": width}
+
+    def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> jax.stages.Lowered:
         """Lower the train step for these (possibly abstract, ``jax.ShapeDtypeStruct``) arguments, e.g.
         to compile ahead of time for a TPU topology and read ``compile().memory_analysis()``."""
-        return self._train.lower(state, _select(batch, n_remove), n_remove)
+        batch = _select(batch, n_remove)
+        return self._train.lower(state, batch, n_remove, _checked_width(batch, width))
 
-    def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any) -> dict:
+    def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> dict:
         """Teacher-forced sums for one batch, no dropout, no update: ``loss_sum``, ``n_correct``,
-        ``n_target_tokens`` (add them over batches) and the batch's ``loss`` and ``token_accuracy``."""
-        return self._eval(state, _select(batch, n_remove), n_remove)
+        ``n_target_tokens`` (add them over batches) and the batch's ``loss`` and ``token_accuracy``.
+        ``width`` as in :meth:`__call__` (each width compiles the evaluation once)."""
+        batch = _select(batch, n_remove)
+        return self._eval(state, batch, n_remove, _checked_width(batch, width))
 
     def reset_optimizer(self, state: TrainState) -> TrainState:
         """Fresh optimizer state (moments and count zeroed), as the reference rebuilds AdamW; donates ``state``."""
@@ -159,11 +172,12 @@ class TrainStep:
 
     # -- traced functions ------------------------------------------------------------------------------
 
-    def _prepare(self, batch: dict, n_remove: jax.Array) -> tuple[dict, dict]:
-        """Remove CoT tokens in-graph; return model inputs with the loss mask, and removal statistics."""
+    def _prepare(self, batch: dict, n_remove: jax.Array, width: int) -> tuple[dict, dict]:
+        """Remove CoT tokens in-graph into ``width`` columns; return model inputs with the loss mask, and
+        removal statistics."""
         c = self.config
         removed = remove_cot(batch["input_ids"], batch["seps"], n_remove, side=c.side,
-                             keep_position=c.keep_position, pad_id=c.pad_id)
+                             keep_position=c.keep_position, pad_id=c.pad_id, width=width)
         real = batch["example_mask"]
         inputs = {"input_ids": removed.input_ids, "position_ids": removed.position_ids,
                   "attention_mask": removed.attention_mask, "loss_mask": removed.loss_mask & real[:, None]}
@@ -178,9 +192,9 @@ class TrainStep:
         logits = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], dropout_key=dropout_key)
         return token_stats(logits, inputs["input_ids"], inputs["loss_mask"])
 
-    def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array) -> tuple[TrainState, dict]:
+    def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array, width: int) -> tuple[TrainState, dict]:
         self._traces += 1  # Python side effect: runs once per trace, never per call
-        inputs, stats = self._prepare(batch, n_remove)
+        inputs, stats = self._prepare(batch, n_remove, width)
         if self.config.random_position_shift:
             inputs["position_ids"] = shift_positions(inputs["position_ids"], self.config.random_position_shift,
                                                      jax.random.fold_in(state.rng, state.step))
@@ -227,8 +241,8 @@ class TrainStep:
         grads, (loss_sums, n_correct) = jax.lax.scan(accumulate, zeros, micro_batches)
         return grads, jnp.sum(loss_sums), jnp.sum(n_correct)
 
-    def _eval_step(self, state: TrainState, batch: dict, n_remove: jax.Array) -> dict:
-        inputs, stats = self._prepare(batch, n_remove)
+    def _eval_step(self, state: TrainState, batch: dict, n_remove: jax.Array, width: int) -> dict:
+        inputs, stats = self._prepare(batch, n_remove, width)
         loss_sum, n_correct = self._token_stats(state.params, state.rest, inputs, None)
         n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
         denominator = jnp.maximum(n_tokens, 1).astype(jnp.float32)
@@ -266,3 +280,12 @@ def _select(batch: Mapping[str, Any], n_remove: Any) -> dict:
         raise ValueError(f"inconsistent batch shapes: input_ids {batch['input_ids'].shape}, seps "
                          f"{batch['seps'].shape}, example_mask {batch['example_mask'].shape}, n_remove {n_remove.shape}")
     return {key: batch[key] for key in BATCH_KEYS}
+
+
+def _checked_width(batch: Mapping[str, Any], width: int | None) -> int:
+    """``width`` as a Python int (a static argument), the stored length when ``None``."""
+    if width is None:
+        return int(batch["input_ids"].shape[1])
+    if int(width) != width or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    return int(width)
