@@ -229,35 +229,38 @@ class RunShapes:
 
 def run_shapes(config: Config) -> RunShapes:
     """What a run of ``config`` compiles: read and encode its data (into a temporary folder) and choose its
-    widths exactly as ``icot train`` does; when the data or tokenizer is not available here, fall back to
-    ``data.max_length`` for the stored width and ``train.max_len_train`` (else ``data.max_length``) for
-    the output width."""
+    widths exactly as ``icot train`` does. When the training data or the tokenizer is not on this host
+    (the hub is never asked), fall back to ``data.max_length`` for the stored width and
+    ``train.max_len_train`` (else ``data.max_length``) for the output width."""
     import tempfile
     from pathlib import Path
 
     from icot_jax.data.loader import BatchLoader
     from icot_jax.train import loop
 
-    t = config.train
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            data = loop.prepare_data(config, Path(tmp))
-    except OSError:
-        stored = config.data.max_length
-        return RunShapes(stored, (min(t.max_len_train or stored, stored),), _tokenizer_or_none(config), "config")
+    t, d = config.train, config.data
+    tokenizer = _local_tokenizer(config)
+    generated = d.generate_digits and not d.train
+    if tokenizer is None or not (generated or Path(d.train).is_file()):
+        stored = d.max_length
+        return RunShapes(stored, (min(t.max_len_train or stored, stored),), tokenizer, "config")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))  # prepare_data reads it from there
+        data = loop.prepare_data(config, Path(tmp))
     curriculum = loop.make_curriculum(config, len(data.train))
     loader = BatchLoader(data.train, t.batch_size, seed=t.seed, process_index=0, process_count=1)
     widths = loop.make_widths(config, curriculum, loader)
     return RunShapes(int(data.train.buckets[-1]), widths.buckets, data.tokenizer, "data")
 
 
-def _tokenizer_or_none(config: Config):
-    from icot_jax.data.tokenize import load_tokenizer, build_builtin_tokenizer
+def _local_tokenizer(config: Config):
+    """The run's tokenizer if this host has it (built in, a folder, or the Hugging Face cache), else None."""
+    from icot_jax.data.tokenize import build_builtin_tokenizer, load_tokenizer
 
     if config.data.tokenizer == "builtin":
         return build_builtin_tokenizer()
     try:
-        return load_tokenizer(config.data.tokenizer)
+        return load_tokenizer(config.data.tokenizer, local_files_only=True)
     except OSError:
         return None
 

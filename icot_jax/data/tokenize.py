@@ -61,9 +61,10 @@ def save_builtin_tokenizer(path: str | Path) -> Path:
     return Path(path)
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """Any HF tokenizer (local folder or hub name) through `AutoTokenizer.from_pretrained`."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+def load_tokenizer(name_or_path: str | Path, *, local_files_only: bool = False) -> PreTrainedTokenizerBase:
+    """Any HF tokenizer (local folder or hub name) through `AutoTokenizer.from_pretrained`;
+    `local_files_only=True` never asks the hub (a folder or the local cache, else `OSError`)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path} has no EOS token, which separates the segments")
     return tokenizer
