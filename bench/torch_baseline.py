@@ -34,14 +34,15 @@ Fairness choices:
   defaults (its device is printed). On a machine shared with other work, torch's OpenMP threads spin
   while they wait and collapse when the cores are oversubscribed (on 2 cores at load ~6: 6.4 s per step
   with 2 threads, 1.5 s with ``OMP_WAIT_POLICY=PASSIVE`` or 1 thread); run with
-  ``OMP_WAIT_POLICY=PASSIVE`` there (printed), which XLA:CPU ignores.
+  ``OMP_WAIT_POLICY=PASSIVE`` there (printed; XLA:CPU runs its own thread pool, not OpenMP).
 * The two sides never run at the same time, and they alternate over ``--repeats``; medians are printed,
   and the ratio is the median of the per-repeat ratios (the two runs of a repeat saw the most similar load).
 * Token counts per step are identical by construction (both count ``post_removal_lengths`` of the same
   plan); the torch side checks its re-padded batches against that count at every step, and our side's
   reported steps, optimizer resets and first- and last-step tokens per example against its own.
 * Initialisations differ (torch's GPT-2 init vs ours), so losses match only roughly; both start near
-  ``ln(vocabulary)``.
+  ``ln(vocabulary)`` (printed). Our losses are printed when ``train_throughput.py``'s JSON line carries
+  ``loss_first_step`` and ``loss_last_step``, else "not reported".
 
 The final line is one JSON object with every figure.
 """
