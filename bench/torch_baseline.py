@@ -25,8 +25,9 @@ built-in tokenizer's vocabulary), ``torch.optim.AdamW``, eager mode, float32, an
 
 Fairness choices:
 
-* Both sides time the same steps: every step but the first (our first step compiles; torch's first step
-  warms its allocator and oneDNN kernels). Data loading and planning are outside the timed region on both
+* Both sides time the same steps: those ``train_throughput.py`` timed (``timed_steps``: every step but
+  the first at each output width, which compiles; torch's first step, which warms its allocator and
+  oneDNN kernels, is among the untimed ones). Data loading and planning are outside the timed region on both
   sides; the host-side removal and re-padding are inside it on the torch side, as the in-graph removal
   is inside our compiled step.
 * torch uses its default intra-op thread count for this machine (printed; ``--torch-threads`` changes it)
@@ -74,8 +75,6 @@ THROUGHPUT = REPO / "bench" / "train_throughput.py"
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "tiny_gpt2_4x4.yaml"
 REFERENCE_VALID = REPO.parent / "shared" / "data" / "reference" / "4_by_4_mult" / "valid.txt"
 SETTINGS = {"delta8": ["train.remove_per_epoch=8"], "delta64": ["train.remove_per_epoch=64"]}
-TIMED_FROM = 1
-"""Index of the first timed step on both sides (``train_throughput.py`` excludes its compiling first step)."""
 IGNORE = -100
 
 
@@ -238,13 +237,14 @@ def train_torch(config: Config, batches: list[PlannedBatch], tokenizer) -> dict:
         if int(repadded.lengths.sum()) != batch.real_tokens:
             raise RuntimeError(f"step {index}: the re-padded torch batch holds {repadded.lengths.sum()} real tokens, "
                                f"the plan {batch.real_tokens}")
-    return summarize(times, batches) | {"loss_first_step": losses[0], "loss_last_step": losses[-1],
-                                        "optimizer_resets": resets, "warmup_s": times[0]}
+    return {"times": times, "loss_first_step": losses[0], "loss_last_step": losses[-1],
+            "optimizer_resets": resets, "warmup_s": times[0]}
 
 
-def summarize(times: list[float], batches: list[PlannedBatch]) -> dict:
-    """Throughput over the timed steps (``TIMED_FROM`` on), the same figures ``train_throughput.py`` reports."""
-    steady, timed = np.array(times[TIMED_FROM:]), batches[TIMED_FROM:]
+def summarize(times: list[float], batches: list[PlannedBatch], timed_steps: list[int]) -> dict:
+    """Throughput over ``timed_steps`` -- the steps ``train_throughput.py`` timed (all but the first call at
+    each output width, which compiles) -- the same figures it reports."""
+    steady, timed = np.array([times[i] for i in timed_steps]), [batches[i] for i in timed_steps]
     return {
         "steps": len(batches),
         "examples_per_s": sum(b.examples for b in timed) / steady.sum(),
@@ -327,7 +327,8 @@ def compare(config_path: Path, setting: str, overrides: list[str], steps: int | 
     ours_runs, torch_runs = [], []
     for repeat in range(repeats):
         ours_runs.append(run_ours(config_path, overrides, steps))
-        torch_runs.append(train_torch(config, batches, tokenizer))
+        torch_side = train_torch(config, batches, tokenizer)
+        torch_runs.append(summarize(torch_side.pop("times"), batches, ours_runs[-1]["timed_steps"]) | torch_side)
         check_same_plan(ours_runs[-1], torch_runs[-1], setting)
         print(f"  repeat {repeat + 1}: jax {ours_runs[-1]['tokens_per_s']:.0f} tokens/s, "
               f"torch {torch_runs[-1]['tokens_per_s']:.0f} tokens/s", flush=True)

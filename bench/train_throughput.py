@@ -10,7 +10,8 @@ the number of train-step compilations over the whole schedule, and the time per 
 Each batch runs at the output width the training loop gives it (the smallest of the run's width buckets
 that holds the batch after removal), so a later schedule step costs less than an early one. Compile
 time is the sum over first calls at each width of their wall time minus the median of the others (a
-first call traces, compiles and runs once); throughput excludes those calls. Tokens are the real tokens
+first call traces, compiles and runs once); throughput excludes those calls (the JSON line lists the
+steps it timed, ``timed_steps``, so that ``torch_baseline.py`` times the same ones). Tokens are the real tokens
 after removal, reported per step and in total.
 
 Model FLOPs utilisation (MFU) uses the PaLM convention: a token costs ``6·N + 12·layers·d_model·S``
@@ -79,8 +80,8 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         n_params = matmul_params(state.params)
         del trainer
         total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
-        times, examples, tokens, flops, resets, skipped, first_call = [], [], [], [], 0, 0, []
-        prev_cot_left = True
+        times, examples, tokens, flops, losses, first_call, timed_steps = [], [], [], [], [], [], []
+        resets, skipped, prev_cot_left = 0, 0, True
         for index in range(total):
             epoch, in_epoch = divmod(index, loader.steps_per_epoch)
             batch = loader.batch(epoch, in_epoch)
@@ -98,7 +99,10 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
             state, metrics = step(state, batch, plan.n_remove, width)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - start)
+            losses.append(float(metrics["loss"]))
             first_call.append(step.compiles > compiles)
+            if not first_call[-1]:
+                timed_steps.append(index)
             real = batch["example_mask"]
             examples.append(int(real.sum()))
             tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
@@ -106,7 +110,7 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
     warm = ~np.array(first_call)
     steady = np.array(times)[warm]
     median = statistics.median(steady)
-    examples, tokens, flops = (np.array(x)[warm] for x in (examples, tokens, flops))
+    timed_examples, timed_tokens, flops = (np.array(x)[warm] for x in (examples, tokens, flops))
     device_kind = str(jax.devices()[0].device_kind)
     model_flops_per_s = flops.sum() / steady.sum()
     peak = peak_tflops(device_kind, config.model.dtype, peak)
@@ -116,8 +120,8 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         "dtype": f"{config.model.param_dtype} params, {config.model.dtype} compute",
         "steps": total,
         "batch_size": config.train.batch_size,
-        "examples_per_s": examples.sum() / steady.sum(),
-        "tokens_per_s": tokens.sum() / steady.sum(),
+        "examples_per_s": timed_examples.sum() / steady.sum(),
+        "tokens_per_s": timed_tokens.sum() / steady.sum(),
         "median_step_ms": 1000 * median,
         "compile_s": float(np.sum(np.array(times)[~warm]) - (~warm).sum() * median),
         "train_step_compiles": step.compiles,
@@ -126,7 +130,10 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         "skipped_batches": skipped,
         "optimizer_resets": resets,
         "epoch_s": float(steady.mean()) * loader.steps_per_epoch,
-        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),  # first measured (warm) step
+        "timed_steps": timed_steps,
+        "loss_first_step": losses[0],
+        "loss_last_step": losses[-1],
+        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
         "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
         "model_tflops_per_s": model_flops_per_s / 1e12,
         "peak_tflops": peak,
