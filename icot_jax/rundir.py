@@ -11,6 +11,8 @@ are no-ops. GCS access goes through ``etils.epath`` (install ``gcsfs``, part of 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -86,3 +88,38 @@ class RunDir:
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(file.read_bytes())
+
+
+class NewRunFiles:
+    """What a new run adds to its (local) run directory, so that a run whose setup fails leaves nothing.
+
+    Records the folders that do not exist yet and the entries already in ``folder``; :meth:`discard`
+    removes every entry added since, then the folders it created (parents only while empty, since
+    another run may have started beside it).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        missing, parent = [], self.folder
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        self._created = missing  # innermost first
+        self._existing = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
+
+    def create(self) -> None:
+        """Create the folder (and its parents)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def discard(self) -> None:
+        """Remove what was added since construction."""
+        if not self.folder.is_dir():
+            return
+        for name in set(os.listdir(self.folder)) - self._existing:
+            path = self.folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else's files
+                return
