@@ -18,8 +18,9 @@ from pathlib import Path
 
 from etils import epath
 
-MIRRORED_SKIP = ("checkpoints", "best")
-"""Subfolders that orbax writes to the run directory itself and that are never mirrored."""
+MIRRORED_SKIP = ("checkpoints", "best", "lock")
+"""Top-level entries never mirrored: the folders that orbax writes to the run directory itself, and the
+lock of ``icot_jax.train.lock`` (it belongs to one machine's file system)."""
 
 
 def is_remote(path: str | Path) -> bool:
@@ -54,12 +55,13 @@ class RunDir:
         return f"{self.url.rstrip('/')}/{name}"
 
     def _files(self, root: epath.Path, relative: Path = Path()):
-        """``(relative path, file)`` under ``root``, checkpoint folders skipped (one listing per folder:
+        """``(relative path, file)`` under ``root``, :data:`MIRRORED_SKIP` skipped (one listing per folder:
         epath refuses recursive globs on GCS)."""
         for entry in root.iterdir():
+            if relative == Path() and entry.name in MIRRORED_SKIP:
+                continue
             if entry.is_dir():
-                if relative != Path() or entry.name not in MIRRORED_SKIP:
-                    yield from self._files(entry, relative / entry.name)
+                yield from self._files(entry, relative / entry.name)
             else:
                 yield relative / entry.name, entry
 

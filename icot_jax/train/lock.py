@@ -50,8 +50,8 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunDirLocked(f"{self.path.parent} is in use by another `icot train`: {_describe(holder)}; "
-                               "wait for it to finish or stop it (Ctrl-C or SIGTERM saves a checkpoint) first") from None
+            raise RunDirLocked(f"{self.path.parent} is in use by another `icot train`: {_describe(holder)}; wait "
+                               "for it to finish or stop it first (Ctrl-C or SIGTERM saves a checkpoint)") from None
         self.stale_holder = _read_holder(fd) or None
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
