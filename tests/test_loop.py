@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -91,9 +92,14 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     resumed = _cli("train", "--resume", str(run_dir))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
+    # The killed process never released its run-directory lock: the resumed one takes it over, and says
+    # where it starts.
+    assert f"took over the lock of pid {proc.pid} on host {socket.gethostname()}" in out
+    assert f"{run_dir}: resuming from step {killed_at}\n" in out
     full, again = _final_params(uninterrupted), _final_params(run_dir)
     assert len(full) == len(again)
     for a, b in zip(full, again):
