@@ -79,6 +79,18 @@ class RunDir:
                 target.write_bytes(file.read_bytes())
                 self._pushed[relative] = version
 
+    def remove_remote(self, name: str) -> None:
+        """Delete ``url/name`` (file or folder) of a mirrored run directory, for a part the local mirror
+        rewrites whole: :meth:`push` only adds and replaces files, so the old ones would stay beside the new."""
+        if not self.mirrored:
+            return
+        target = epath.Path(self.path(name))
+        if target.is_dir():
+            target.rmtree()
+        elif target.exists():
+            target.unlink()
+        self._pushed = {path: version for path, version in self._pushed.items() if path.parts[:1] != (name,)}
+
     def pull(self) -> None:
         """Copy the run directory's files (checkpoint folders excluded) into the local mirror."""
         if not self.mirrored:

@@ -52,6 +52,19 @@ def test_pull_restores_a_fresh_mirror(tmp_path):
         RunDir(tmp_path / "missing", mirror_root=tmp_path / "mirrors").pull()
 
 
+def test_remove_remote_deletes_a_part_the_mirror_rewrites(tmp_path):
+    remote = tmp_path / "remote"
+    (remote / "tensorboard").mkdir(parents=True)
+    (remote / "tensorboard" / "events.out.tfevents.1").write_text("the killed run's events")
+    run = RunDir(remote, mirror_root=tmp_path / "mirrors")
+    run.pull()
+    run.remove_remote("tensorboard")
+    (run.local / "tensorboard" / "events.out.tfevents.1").unlink()
+    (run.local / "tensorboard" / "events.out.tfevents.2").write_text("rewritten")
+    run.push()
+    assert [p.name for p in (remote / "tensorboard").iterdir()] == ["events.out.tfevents.2"]
+
+
 def test_new_run_files_removes_only_what_came_after_it(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "other").mkdir()  # another run beside it

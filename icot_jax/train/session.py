@@ -91,6 +91,8 @@ class RunSession:
             return state, meta
         state, saved = checkpoints.restore(state)
         say(f"{self.run.url}: resuming from step {saved['batch_index']}")
+        if jax.process_index() == 0:
+            self.run.remove_remote("tensorboard")  # rewritten from metrics.jsonl (see MetricsLog)
         return state, {**meta, **saved}
 
     def start(self, step: int) -> None:
