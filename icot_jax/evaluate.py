@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,14 +265,39 @@ class Answer:
     """The extracted answer (``'#### ...'``), None when the model produced no ``####``."""
 
 
-def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int = 800,
+DEFAULT_MAX_NEW_TOKENS = 800
+"""The reference's generation budget, for checkpoints without a run config."""
+
+
+def generation_budget(checkpoint: Checkpoint, prompt_length: int, position_gap: int, requested: int | None) -> int:
+    """``max_new_tokens`` for one prompt: ``requested``, by default the run's ``eval.max_new_tokens``
+    (:data:`DEFAULT_MAX_NEW_TOKENS` for a Hugging Face folder), capped (with a note on stderr) so that every
+    generated token has a row in a learned position table: past it JAX would silently reuse the last row."""
+    run = checkpoint.run_config
+    wanted = requested if requested is not None else run.eval.max_new_tokens if run else DEFAULT_MAX_NEW_TOKENS
+    n_positions = getattr(checkpoint.model.config, "n_positions", None)
+    if n_positions is None:
+        return wanted
+    room = n_positions - prompt_length - position_gap
+    used = f"the prompt takes {prompt_length}" + (f" and the position gap {position_gap}" if position_gap else "")
+    if room < 1:
+        raise ValueError(f"nothing can be generated: the model has {n_positions} positions and {used}")
+    if wanted > room:
+        print(f"max_new_tokens capped at {room} (asked for {wanted}): the model has {n_positions} positions and "
+              f"{used}", file=sys.stderr)
+    return min(wanted, room)
+
+
+def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int | None = None,
                     position_gap: str | int = "auto") -> Answer:
     """Greedy-decode one question (multiplication in normal or model notation, or raw text).
 
     ``position_gap="auto"``: 0, unless the run was trained with ``train.keep_position``; then the length of
     the CoT the question would have, which is known for multiplication (the CoT is a function of the
-    operands); for other questions pass the number.
+    operands); for other questions pass the number. ``max_new_tokens``: see :func:`generation_budget`.
     """
+    if not question.strip():
+        raise ValueError("the question is empty: give the text to answer, e.g. '3719*3349'")
     import numpy as np
     from flax import nnx
 
@@ -292,6 +318,7 @@ def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: in
                              "length of the CoT it was trained without); 'auto' knows it only for multiplication")
         full = encode_examples([parse_line(format_example(*operands))], tokenizer, mode=checkpoint.join)
         gap = int(keep_position_gaps(full, REMOVE_ALL)[0])
+    max_new_tokens = generation_budget(checkpoint, int(prompt.seps[0, 0]) + 1, gap, max_new_tokens)
     graphdef, state = nnx.split(checkpoint.model)
     decoder = Decoder(graphdef, eos_id=tokenizer.eos_token_id, settings=DecodeSettings(max_new_tokens=max_new_tokens))
     decoded = decoder(state, *left_pad_prompts(prompt), position_gap=np.array([gap]))
@@ -417,13 +444,20 @@ def run_tradeoff(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
+    """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="weights of a run directory (default: best)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of a Hugging Face folder's weights and compute (default: float32)")
     parser.add_argument("--join", choices=CHOICES["data.join"],
                         help="tokenization mode of training (default: the run's, or 'reference')")
-    parser.add_argument("--max-new-tokens", type=int, default=800, help="default: 800, as the reference")
+    if data:
+        parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                            help=f"default: {DEFAULT_MAX_NEW_TOKENS}, as the reference")
+    else:
+        parser.add_argument("--max-new-tokens", type=int,
+                            help=f"default: a run's eval.max_new_tokens ({DEFAULT_MAX_NEW_TOKENS} for a Hugging Face "
+                                 "folder); capped by a learned position table")
     parser.add_argument("--position-gap", type=parse_position_gap, default="auto", metavar="auto|N",
                         help="positions skipped after the prompt; auto: 0, or for a train.keep_position run the "
                              "CoT length it was trained without (default: auto)")

@@ -11,13 +11,16 @@ are no-ops. GCS access goes through ``etils.epath`` (install ``gcsfs``, part of 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from etils import epath
 
-MIRRORED_SKIP = ("checkpoints", "best")
-"""Subfolders that orbax writes to the run directory itself and that are never mirrored."""
+MIRRORED_SKIP = ("checkpoints", "best", "lock")
+"""Top-level entries never mirrored: the folders that orbax writes to the run directory itself, and the
+lock of ``icot_jax.train.lock`` (it belongs to one machine's file system)."""
 
 
 def is_remote(path: str | Path) -> bool:
@@ -52,12 +55,13 @@ class RunDir:
         return f"{self.url.rstrip('/')}/{name}"
 
     def _files(self, root: epath.Path, relative: Path = Path()):
-        """``(relative path, file)`` under ``root``, checkpoint folders skipped (one listing per folder:
+        """``(relative path, file)`` under ``root``, :data:`MIRRORED_SKIP` skipped (one listing per folder:
         epath refuses recursive globs on GCS)."""
         for entry in root.iterdir():
+            if relative == Path() and entry.name in MIRRORED_SKIP:
+                continue
             if entry.is_dir():
-                if relative != Path() or entry.name not in MIRRORED_SKIP:
-                    yield from self._files(entry, relative / entry.name)
+                yield from self._files(entry, relative / entry.name)
             else:
                 yield relative / entry.name, entry
 
@@ -75,6 +79,18 @@ class RunDir:
                 target.write_bytes(file.read_bytes())
                 self._pushed[relative] = version
 
+    def remove_remote(self, name: str) -> None:
+        """Delete ``url/name`` (file or folder) of a mirrored run directory, for a part the local mirror
+        rewrites whole: :meth:`push` only adds and replaces files, so the old ones would stay beside the new."""
+        if not self.mirrored:
+            return
+        target = epath.Path(self.path(name))
+        if target.is_dir():
+            target.rmtree()
+        elif target.exists():
+            target.unlink()
+        self._pushed = {path: version for path, version in self._pushed.items() if path.parts[:1] != (name,)}
+
     def pull(self) -> None:
         """Copy the run directory's files (checkpoint folders excluded) into the local mirror."""
         if not self.mirrored:
@@ -86,3 +102,38 @@ class RunDir:
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(file.read_bytes())
+
+
+class NewRunFiles:
+    """What a new run adds to its (local) run directory, so that a run whose setup fails leaves nothing.
+
+    Records the folders that do not exist yet and the entries already in ``folder``; :meth:`discard`
+    removes every entry added since, then the folders it created (parents only while empty, since
+    another run may have started beside it).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        missing, parent = [], self.folder
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        self._created = missing  # innermost first
+        self._existing = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
+
+    def create(self) -> None:
+        """Create the folder (and its parents)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def discard(self) -> None:
+        """Remove what was added since construction."""
+        if not self.folder.is_dir():
+            return
+        for name in set(os.listdir(self.folder)) - self._existing:
+            path = self.folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else's files
+                return

@@ -119,6 +119,31 @@ def test_generate_command_converts_notation(hf_folder, capsys):
     assert lines[-1].startswith("answer: ")
 
 
+@pytest.mark.parametrize("question", ["", "   "])
+def test_generate_refuses_an_empty_question(hf_folder, question):
+    with pytest.raises(SystemExit, match="the question is empty"):
+        run_cli(["generate", "--checkpoint", str(hf_folder[0]), question])
+
+
+def test_generate_budget_defaults_to_the_run_and_is_capped_by_the_position_table(hf_folder, builtin_tokenizer,
+                                                                                 capsys):
+    from icot_jax.config import load_config
+    from icot_jax.evaluate import generation_budget
+    from icot_jax.train.commands import DEMO_CONFIG
+
+    folder, model = hf_folder  # 64 positions
+    run = Checkpoint(folder, model, builtin_tokenizer, "reference", run_config=load_config(DEMO_CONFIG))
+    assert generation_budget(run, 6, 0, None) == 32  # the demo's eval.max_new_tokens
+    assert generation_budget(run, 6, 0, 50) == 50
+    assert capsys.readouterr().err == ""
+    exported = Checkpoint(folder, model, builtin_tokenizer, "reference")
+    assert generation_budget(exported, 6, 4, None) == 54  # 800 does not fit: 64 - 6 - 4
+    assert "max_new_tokens capped at 54 (asked for 800): the model has 64 positions and the prompt takes 6 and " \
+           "the position gap 4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nothing can be generated: the model has 64 positions"):
+        generation_budget(exported, 60, 4, None)
+
+
 def test_tradeoff_command_writes_csv_and_png(hf_folder, data_file, tmp_path, capsys):
     folder, _ = hf_folder
     out = tmp_path / "tradeoff"

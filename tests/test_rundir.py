@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from icot_jax.rundir import RunDir, is_remote
+from icot_jax.rundir import NewRunFiles, RunDir, is_remote
 
 
 def test_local_run_dir_is_its_own_mirror(tmp_path):
@@ -21,7 +21,7 @@ def test_remote_urls_are_recognised():
     assert run.local.name.startswith("x-")
 
 
-def test_push_copies_new_and_changed_files_but_not_checkpoints(tmp_path):
+def test_push_copies_new_and_changed_files_but_not_checkpoints_or_the_lock(tmp_path):
     remote = tmp_path / "remote"
     run = RunDir(remote, mirror_root=tmp_path / "mirrors")
     (run.local / "tokenizer").mkdir(parents=True)
@@ -29,9 +29,10 @@ def test_push_copies_new_and_changed_files_but_not_checkpoints(tmp_path):
     (run.local / "metrics.jsonl").write_text('{"step": 1}\n')
     (run.local / "checkpoints" / "4").mkdir(parents=True)
     (run.local / "checkpoints" / "4" / "x").write_text("orbax writes these itself")
+    (run.local / "lock").write_text('{"pid": 1}')  # one machine's lock: another would take it for stale
     run.push()
     assert (remote / "tokenizer" / "vocab.json").read_text() == "{}"
-    assert not (remote / "checkpoints").exists()
+    assert not (remote / "checkpoints").exists() and not (remote / "lock").exists()
     with (run.local / "metrics.jsonl").open("a") as f:
         f.write('{"step": 2}\n')
     run.push()
@@ -49,6 +50,38 @@ def test_pull_restores_a_fresh_mirror(tmp_path):
     assert (run.local / "config.yaml").read_text() == "name: x\n"
     with pytest.raises(FileNotFoundError, match="run directory not found"):
         RunDir(tmp_path / "missing", mirror_root=tmp_path / "mirrors").pull()
+
+
+def test_remove_remote_deletes_a_part_the_mirror_rewrites(tmp_path):
+    remote = tmp_path / "remote"
+    (remote / "tensorboard").mkdir(parents=True)
+    (remote / "tensorboard" / "events.out.tfevents.1").write_text("the killed run's events")
+    run = RunDir(remote, mirror_root=tmp_path / "mirrors")
+    run.pull()
+    run.remove_remote("tensorboard")
+    (run.local / "tensorboard" / "events.out.tfevents.1").unlink()
+    (run.local / "tensorboard" / "events.out.tfevents.2").write_text("rewritten")
+    run.push()
+    assert [p.name for p in (remote / "tensorboard").iterdir()] == ["events.out.tfevents.2"]
+
+
+def test_new_run_files_removes_only_what_came_after_it(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "other").mkdir()  # another run beside it
+    new = NewRunFiles(tmp_path / "runs" / "x" / "run")
+    new.create()
+    (tmp_path / "runs" / "x" / "run" / "tokenizer").mkdir()
+    (tmp_path / "runs" / "x" / "run" / "config.yaml").write_text("name: x\n")
+    new.discard()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    new = NewRunFiles(kept)
+    new.create()
+    (kept / "config.yaml").write_text("name: x\n")
+    new.discard()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
 def test_checkpoints_under_a_relative_run_dir(tmp_path, monkeypatch):

@@ -50,11 +50,13 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class ParsedFile:
-    """The examples read from one file, and how many malformed lines were skipped."""
+    """The examples read from one file, the line each came from, and how many malformed lines were skipped."""
 
     path: Path
     examples: list[Example]
     n_skipped: int
+    line_numbers: list[int] = dataclasses.field(default_factory=list)
+    """1-based line of each example (error messages name ``file:line``)."""
 
 
 def parse_line(line: str) -> Example:
@@ -146,6 +148,7 @@ def _parse_file(path: Path, parse: Callable[[str], Example], on_error: OnError) 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     examples: list[Example] = []
+    line_numbers: list[int] = []
     skipped: list[str] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -153,6 +156,7 @@ def _parse_file(path: Path, parse: Callable[[str], Example], on_error: OnError) 
                 continue
             try:
                 examples.append(parse(line))
+                line_numbers.append(lineno)
             except DataFormatError as e:
                 message = f"{path}:{lineno}: {e}"
                 if on_error == "raise":
@@ -160,7 +164,7 @@ def _parse_file(path: Path, parse: Callable[[str], Example], on_error: OnError) 
                 skipped.append(message)
     if skipped:
         logger.warning("%s: skipped %d malformed lines, first: %s", path, len(skipped), skipped[0])
-    return ParsedFile(path=path, examples=examples, n_skipped=len(skipped))
+    return ParsedFile(path=path, examples=examples, n_skipped=len(skipped), line_numbers=line_numbers)
 
 
 def cot_lengths(examples: Sequence[Example]) -> list[int]:

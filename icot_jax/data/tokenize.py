@@ -174,6 +174,16 @@ def _length_limit(buckets: tuple[int, ...], max_length: int | None) -> tuple[int
     return min(limits, default=None)
 
 
+class OverlengthError(ValueError):
+    """Examples are longer than the length limit: ``detail`` says how many and by how much, ``first`` is
+    the index of the first one (callers that know its line or config key can say more)."""
+
+    def __init__(self, detail: str, *, first: int):
+        super().__init__(f"{detail}; raise max_length / buckets or use on_overlength='skip'")
+        self.detail = detail
+        self.first = first
+
+
 def _check_max_length(
     lengths: np.ndarray, limit: tuple[int, str] | None, on_overlength: OnOverlength, source: str | Path | None
 ) -> np.ndarray:
@@ -188,7 +198,7 @@ def _check_max_length(
             f"(longest: {lengths.max()})"
         )
         if on_overlength == "error" or n_long == lengths.size:
-            raise ValueError(f"{message}; raise max_length / buckets or use on_overlength='skip'")
+            raise OverlengthError(message, first=int(np.argmin(keep)))
         logger.warning("skipped %s", message)
     return keep
 

@@ -14,18 +14,32 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo.yaml"
 
 @user_errors_exit
 def run_train(args: argparse.Namespace) -> int:
-    """``icot train CONFIG [key=value ...]`` or ``icot train --resume RUN_DIR``."""
-    from icot_jax.config import load_config
-    from icot_jax.train.loop import train
+    """``icot train CONFIG [key=value ...]`` or ``icot train --resume RUN_DIR [key=value ...]``.
 
-    if args.resume:
-        if args.config or args.overrides:
-            raise ValueError("--resume continues a run with its saved config.yaml: give no CONFIG or overrides")
-        summary = train(None, resume_dir=args.resume)
-    else:
-        summary = train(load_config(args.config or DEMO_CONFIG, args.overrides))
+    Exit status: 0, or 128 + the signal number when SIGTERM or Ctrl-C stopped the run (it saved a
+    checkpoint), 130 when a second Ctrl-C aborted it; a diverged run is an error naming the step to
+    resume from.
+    """
+    import signal
+
+    from icot_jax.config import load_config
+    from icot_jax.train.loop import TrainingDiverged, train
+
+    try:
+        if args.resume:
+            overrides = [args.config, *args.overrides] if args.config else []
+            if any("=" not in item for item in overrides):
+                raise ValueError("--resume continues a run with its saved config.yaml: give no CONFIG, only "
+                                 "key=value overrides of the keys a resumed run may change (e.g. train.lr=1e-4)")
+            summary = train(None, resume_dir=args.resume, overrides=overrides)
+        else:
+            summary = train(load_config(args.config or DEMO_CONFIG, args.overrides))
+    except TrainingDiverged as error:
+        raise SystemExit(f"icot train: error: {error}") from None
+    except KeyboardInterrupt:
+        return 130
     print(json.dumps(summary))
-    return 143 if summary["interrupted"] else 0
+    return 128 + signal.Signals[summary["signal"]].value if summary["interrupted"] else 0
 
 
 @user_errors_exit
@@ -83,7 +97,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                               description="Train from a YAML config (default: the built-in CPU demo).")
     p.add_argument("config", nargs="?", help="YAML config file (configs/...)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest checkpoint; key=value overrides may change only "
+                        "the LR, warm-up, clipping, epochs, evaluation, checkpointing and logging")
     p.set_defaults(run=run_train)
     d = subparsers.add_parser("demo", help="CPU demo: a tiny model internalizes multiplication CoT")
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides of the demo config")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 
@@ -10,26 +11,40 @@ class MetricsLog:
     """Append-only metrics: one JSON object per line in ``metrics.jsonl`` plus TensorBoard scalars.
 
     On resume, lines logged after the checkpoint's step by the interrupted run are dropped first, so
-    the file reads as one uninterrupted run. Only the writing process (process 0) should create one.
+    the file reads as one uninterrupted run; TensorBoard's events are then rewritten from the kept lines
+    (a killed run loses whatever its event writer had not flushed, and holds points after the
+    checkpoint that the resumed run logs again), so they too hold every logged point exactly once.
+    Each record is flushed as it is written. Only the writing process (process 0) should create one.
     """
 
     def __init__(self, run_dir: Path | str, *, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        tensorboard = Path(run_dir) / "tensorboard"
+        kept = []
+        if resume_step is not None:
+            if self.path.exists():
+                kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
+                self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            shutil.rmtree(tensorboard, ignore_errors=True)
         self._file = self.path.open("a")
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._tb = SummaryWriter(str(tensorboard))
+        for record in kept:
+            self._add_scalars(record)
+        self._tb.flush()
+
+    def _add_scalars(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, record["step"])
 
     def write(self, record: dict) -> None:
         """Log one record; it must have an integer ``step``. Numbers also go to TensorBoard."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, record["step"])
+        self._add_scalars(record)
+        self._tb.flush()
 
     def close(self) -> None:
         """Flush and close both outputs."""

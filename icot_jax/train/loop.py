@@ -16,33 +16,32 @@ import datetime
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
 from icot_jax import parallel
 from icot_jax.checkpoint import RunCheckpoints
-from icot_jax.config import Config, load_config, save_config
+from icot_jax.config import Config, load_config
 from icot_jax.data.formats import read_examples
 from icot_jax.data.loader import BatchLoader
-from icot_jax.data.tokenize import EncodedDataset, encode_examples, load_tokenizer, save_builtin_tokenizer
+from icot_jax.data.tokenize import (EncodedDataset, OverlengthError, encode_examples, load_tokenizer,
+                                    save_builtin_tokenizer)
 from icot_jax.models.hf_configs import model_hf_config
 from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
 from icot_jax.removal import Curriculum, Schedule, reference_batch_length
 from icot_jax.rundir import RunDir
+from icot_jax.train.divergence import DivergenceGuard, TrainingDiverged
 from icot_jax.train.logs import MetricsLog, plot_run
+from icot_jax.train.session import RunSession
 from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, optimizer_for, split_model
 from icot_jax.train.widths import Widths, plan_widths, round_up
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving the bad state."""
 
 
 @dataclasses.dataclass
@@ -90,9 +89,13 @@ def prepare_data(config: Config, run_dir: Path) -> RunData:
     def encode(split: str, limit: int | None) -> EncodedDataset | None:
         if not files[split]:
             return None
-        examples = read_examples(files[split], on_error=on_error).examples[:limit]
-        return encode_examples(examples, tokenizer, mode=d.join, max_length=d.max_length,
-                               buckets=d.buckets or None, on_overlength=d.too_long, source=files[split])
+        parsed = read_examples(files[split], on_error=on_error)
+        try:
+            return encode_examples(parsed.examples[:limit], tokenizer, mode=d.join, max_length=d.max_length,
+                                   buckets=d.buckets or None, on_overlength=d.too_long, source=files[split])
+        except OverlengthError as error:
+            raise ValueError(f"{files[split]}:{parsed.line_numbers[error.first]}: the first of {error.detail}; "
+                             "raise data.max_length / data.buckets or set data.too_long=skip") from None
 
     return RunData(tokenizer, encode("train", d.max_train_examples), encode("valid", d.max_eval_examples),
                    encode("test", d.max_eval_examples))
@@ -216,13 +219,23 @@ def default_run_dir(config: Config) -> str:
 # Evaluation
 
 
-def is_new_best(best_accuracy: float | None, accuracy: float, *, cot_left: bool) -> bool:
-    """The reference's best-checkpoint rule.
+def resets_best(curriculum: Curriculum, plan) -> bool:
+    """Whether batch ``plan`` resets the best score, as the reference's ``train.py`` does.
 
-    While the last training batch still carried CoT, the best score is reset, so every evaluation is the
-    new best (the model is still changing task); once all CoT is gone, only a higher accuracy is.
+    The reference resets it at *every* batch that still has CoT after removal (the flag is set inside its
+    batch loop and read at the next evaluation), so an evaluation after an epoch in which any batch had
+    CoT is always the new best: the model is still changing task. Its removal code, and with it the reset,
+    only runs when something is scheduled or smoothing is on: a run that never removes anything (λ = ∞,
+    nothing scheduled, e.g. ``train.mode: explicit``) keeps its highest accuracy.
     """
-    return cot_left or best_accuracy is None or accuracy > best_accuracy
+    smoothing = curriculum.mode == "icot" and not math.isinf(curriculum.smoothing_lambda)
+    return plan.cot_left and (plan.schedule.scheduled_to_remove > 0 or smoothing)
+
+
+def is_new_best(best_accuracy: float | None, accuracy: float, *, reset: bool) -> bool:
+    """The reference's best-checkpoint rule: after a reset (:func:`resets_best` since the last evaluation)
+    every accuracy is the new best; otherwise only a strictly higher one is."""
+    return reset or best_accuracy is None or accuracy > best_accuracy
 
 
 def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int, *,
@@ -283,48 +296,61 @@ def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: Batch
 
 
 class _Preemption:
-    """Turns SIGTERM (TPU preemption notice) into a flag the loop checks between batches."""
+    """Turns SIGTERM (TPU preemption notice) and a first Ctrl-C (SIGINT) into a request that the loop honours
+    between batches: save a checkpoint, then stop. A second Ctrl-C aborts at once, without saving."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, run_url: str):
+        self.run_url = run_url
+        self.signal: signal.Signals | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def requested(self) -> bool:
+        """A stop was requested."""
+        return self.signal is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signal is not None:
+            sys.stderr.write(f"\nsecond Ctrl-C: aborting without saving; `icot train --resume {self.run_url}` "
+                             "continues from the newest checkpoint\n")
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            sys.stderr.write("\nCtrl-C: saving a checkpoint after this batch, then stopping "
+                             "(Ctrl-C again aborts without saving)\n")
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
-def _check_finite(metrics: dict, batch_index: int, checkpoints: RunCheckpoints) -> dict:
-    values = {k: float(v) for k, v in metrics.items()}
-    if not math.isfinite(values["loss"]):
-        raise TrainingDiverged(f"loss is {values['loss']} at batch {batch_index}; stopped without saving. "
-                               f"Last good checkpoint: step {checkpoints.latest_step()}")
-    return values
-
-
-def train(config: Config, *, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
+def train(config: Config | None, *, resume_dir: str | Path | None = None, overrides: list[str] = (),
+          progress: bool = True) -> dict:
     """Run (or resume) a training run; returns its summary (also written to ``run_dir/summary.json``).
 
-    With ``resume_dir``, the run's saved ``config.yaml`` is used and training continues from the newest
-    checkpoint exactly as if it had never stopped. SIGTERM saves a checkpoint and returns with
-    ``summary["interrupted"] = True``. A non-finite loss raises :class:`TrainingDiverged`.
+    With ``resume_dir``, the run's saved ``config.yaml`` is used (with ``overrides`` of the keys in
+    :data:`icot_jax.train.resume.RESUMABLE_KEYS`) and training continues from the newest checkpoint exactly
+    as if it had never stopped. The run directory is locked against a second process; a new run whose
+    setup fails leaves nothing behind. SIGTERM or a first Ctrl-C saves a checkpoint and returns with
+    ``summary["interrupted"] = True``. A non-finite loss or parameter raises :class:`TrainingDiverged` after
+    writing ``summary.json`` (``diverged: true``) and keeping only checkpoints known to be good.
     """
     parallel.initialize_distributed()  # before anything asks JAX about devices or processes
-    if resume_dir is not None:
-        run = RunDir(resume_dir)
-        run.pull()
-        config = load_config(run.local / "config.yaml")
-    else:
-        run = RunDir(config.run_dir or default_run_dir(config))
-        saved = epath.Path(run.path("checkpoints"))
-        if saved.exists() and any(saved.iterdir()):
-            raise FileExistsError(f"{run.url} already holds checkpoints: use `icot train --resume {run.url}`")
-        run.local.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.replace(config, run_dir=run.url)
-        if jax.process_index() == 0:
-            save_config(config, run.local / "config.yaml")
+    url = resume_dir if resume_dir is not None else config.run_dir or default_run_dir(config)
+    session = RunSession.open(url, resumed=resume_dir is not None)
+    try:
+        session.settle_config(config, list(overrides))
+        return _train(session, progress)
+    except BaseException:
+        session.abandon()
+        raise
+    finally:
+        session.release()
+
+
+def _train(session: RunSession, progress: bool) -> dict:
+    """The body of :func:`train` in a claimed run directory."""
+    run, config = session.run, session.config
     run_dir = run.local
     writer = jax.process_index() == 0
     t = config.train
@@ -336,12 +362,14 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
     checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
-    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None, "skipped_batches": 0}
-    if resume_dir is not None and checkpoints.latest_step() is not None:
-        state, saved_meta = checkpoints.restore(state)
-        meta.update(saved_meta)
+    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None, "best_reset": False,
+            "skipped_batches": 0}
+    guard = DivergenceGuard(checkpoints, run.url, t.lr)
+    if session.resumed:
+        state, meta = session.resume_state(checkpoints, state, meta)
+        guard.saved(checkpoints.latest_step())  # its first loss tells whether the restored state is good
     log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if writer else None
-    preemption = _Preemption()
+    preemption = _Preemption(run.url)
     bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or not writer,
                desc=config.name, dynamic_ncols=True)
     summary = {"run_dir": run.url, "interrupted": False}
@@ -372,7 +400,9 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             return keep_position_gaps(split, curriculum.eval_n_remove(batch_index - 1, len(split)))
 
         record.update(generation_metrics(evaluators["val"], eval_model, "val", gaps(data.valid)))
-        if is_new_best(meta["best_accuracy"], record["val_accuracy"], cot_left=meta["prev_cot_left"]):
+        new_best = is_new_best(meta["best_accuracy"], record["val_accuracy"], reset=meta["best_reset"])
+        meta["best_reset"] = False
+        if new_best:
             meta.update(best_accuracy=record["val_accuracy"], best_step=batch_index)
             record["is_best"] = True
             checkpoints.save_best(batch_index, state.params, {"step": batch_index, **record})
@@ -382,6 +412,8 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
 
     start = time.time()
     last_plan = None
+    diverged: TrainingDiverged | None = None
+    session.start(meta["batch_index"])
     try:
         while meta["batch_index"] < total:
             batch_index = meta["batch_index"]
@@ -390,6 +422,7 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             plan, n_remove = plan_batch(curriculum, loader, global_loader, batch, epoch, step_in_epoch,
                                         batch_index, prev_cot_left=meta["prev_cot_left"])
             last_plan = plan
+            meta["best_reset"] = meta["best_reset"] or resets_best(curriculum, plan)
             if plan.reset_optimizer:
                 state = step_fn.reset_optimizer(state)
             metrics = None
@@ -400,9 +433,9 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
             meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
             end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
             logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
-            if logged or end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0:
+            if logged or end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or guard.wants_loss:
                 if metrics is not None:
-                    metrics = _check_finite(metrics, batch_index, checkpoints)
+                    metrics = guard.check_loss(metrics, batch_index)
             if logged:
                 scheduled = max_cot if plan.schedule.remove_all else int(plan.schedule.scheduled_to_remove)
                 log_record({"step": batch_index + 1, "epoch": epoch, "scheduled_to_remove": scheduled,
@@ -422,14 +455,18 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                 if "val_accuracy" in record:
                     bar.write(f"step {meta['batch_index']}: val_accuracy {record['val_accuracy']:.4f}")
             if end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or preemption.requested:
+                guard.check_params(state.params, meta["batch_index"])
                 checkpoints.save(meta["batch_index"], state, dict(meta))
+                guard.saved(meta["batch_index"])
                 if writer:
                     run.push()  # metrics and other small files follow the checkpoints to the bucket
             if preemption.requested:
-                summary["interrupted"] = True
-                bar.write(f"SIGTERM: saved step {meta['batch_index']} to {run.url}; resume with "
+                summary.update(interrupted=True, signal=preemption.signal.name)
+                bar.write(f"{preemption.signal.name}: saved step {meta['batch_index']} to {run.url}; resume with "
                           f"`icot train --resume {run.url}`")
                 break
+    except TrainingDiverged as error:
+        diverged = error
     finally:
         preemption.restore()
         bar.close()
@@ -441,12 +478,16 @@ def train(config: Config, *, resume_dir: str | Path | None = None, progress: boo
                    train_step_compiles=step_fn.compiles, length_buckets=list(widths.buckets),
                    expected_padding=widths.padding, skipped_batches=meta["skipped_batches"],
                    seconds=time.time() - start,
-                   final_remove_all=bool(last_plan and last_plan.schedule.remove_all))
+                   final_remove_all=bool(last_plan and last_plan.schedule.remove_all), diverged=diverged is not None)
+    if diverged is not None:
+        summary.update(diverged_at_step=diverged.step, last_good_step=diverged.good_step)
     if writer:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if (run_dir / "metrics.jsonl").exists() and not summary["interrupted"]:
             plot_run(run_dir / "metrics.jsonl", run_dir / "curriculum.png", title=config.name)
         run.push()
+    if diverged is not None:
+        raise diverged
     return summary
 
 
