@@ -51,6 +51,43 @@ def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# ------------------------------------------------------------------------------ cotangents (XLA:CPU)
+
+
+def _through_conditional(g: jax.Array) -> jax.Array:
+    # Both branches return ``g``; the copy in one keeps JAX from forwarding ``g`` past the cond (it drops
+    # outputs that every branch passes through), and the runtime predicate keeps XLA from folding it.
+    return jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda g: g, jnp.copy, g)
+
+
+@jax.custom_vjp
+def materialize_cotangent(y: jax.Array) -> jax.Array:
+    """Identity whose backward pass, when compiled for CPU, computes the cotangent of ``y`` once into a buffer.
+
+    Why: XLA:CPU fuses the elementwise backward chain of the residual stream (residual adds, norm backward,
+    dropout masks) into every transposed copy that feeds a weight-gradient matmul, so each copy recomputes
+    the chain from the top layer down: work grows with depth², about half of a tiny GPT-2's train step.
+    XLA cannot fuse into a conditional, so passing the cotangent through a ``jax.lax.cond`` (both branches
+    return it unchanged) makes XLA compute it once; gradients stay bit-identical.
+    ``jax.lax.optimization_barrier`` would not do: XLA:CPU removes it before fusion.
+
+    The platform is resolved at lowering (``jax.lax.platform_dependent``): for GPU and TPU the backward is
+    the plain identity and the compiled program is the one without this function.
+    """
+    return y
+
+
+def _materialize_fwd(y: jax.Array) -> tuple[jax.Array, None]:
+    return y, None
+
+
+def _materialize_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.platform_dependent(g, cpu=_through_conditional, default=lambda g: g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -58,8 +95,11 @@ class Dense(nnx.Module):
     """``y = x · W + b`` contracting the last ``len(in_shape)`` axes of ``x`` with the first axes of ``W``.
 
     Multi-axis kernels (e.g. ``[embed, heads, head_dim]``) keep heads as their own axis, so attention needs
-    no reshapes and the heads axis can be sharded.
+    no reshapes and the heads axis can be sharded. The output passes through :func:`materialize_cotangent`
+    unless ``materialize_cotangent`` is False (see :meth:`CausalLM.set_materialize_cotangents`).
     """
+
+    materialize_cotangent: bool = True
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str | None], *,
                  std: float, use_bias: bool, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs,
@@ -76,7 +116,7 @@ class Dense(nnx.Module):
                           preferred_element_type=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
-        return y
+        return materialize_cotangent(y) if self.materialize_cotangent else y
 
 
 class Embed(nnx.Module):
@@ -257,6 +297,18 @@ class CausalLM(nnx.Module):
         if enabled:
             self._block_graphdef()
         self.scan_layers = enabled
+        return self
+
+    def set_materialize_cotangents(self, enabled: bool = True) -> CausalLM:
+        """Pass every :class:`Dense` output through :func:`materialize_cotangent` (the default); returns the model.
+
+        ``mesh.materialize_cotangents``. It changes only CPU compilations (faster backward passes, the same
+        gradients bit for bit); GPU and TPU programs are the same either way. The flag is a static attribute
+        of each ``Dense``, so it travels in the model's graphdef.
+        """
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, Dense):
+                module.materialize_cotangent = enabled
         return self
 
     def _block_graphdef(self) -> nnx.GraphDef:
