@@ -254,6 +254,9 @@ class Setup:
     scan_layers: bool = False
     """Run the transformer blocks under one ``jax.lax.scan`` (``mesh.scan_layers``, see
     :meth:`~icot_jax.models.CausalLM.set_scan_layers`)."""
+    materialize_cotangents: bool = True
+    """Compute each projection's cotangent once on CPU (``mesh.materialize_cotangents``, see
+    :meth:`~icot_jax.models.CausalLM.set_materialize_cotangents`)."""
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -286,12 +289,14 @@ class Setup:
         return put_batch(batch, n_remove, self.batch_sharding, whole=whole)
 
     def configure_model(self, model: nnx.Module) -> nnx.Module:
-        """``model`` with this setup's :attr:`remat` and :attr:`scan_layers` applied (in place; returned).
+        """``model`` with this setup's :attr:`remat`, :attr:`scan_layers` and :attr:`materialize_cotangents`
+        applied (in place; returned).
 
-        Neither changes a parameter or its path, only the model's graphdef, so checkpoints, Hugging Face
+        None changes a parameter or its path, only the model's graphdef, so checkpoints, Hugging Face
         key maps and sharding rules are unaffected.
         """
-        return apply_remat(model, self.remat).set_scan_layers(self.scan_layers)
+        model = apply_remat(model, self.remat).set_scan_layers(self.scan_layers)
+        return model.set_materialize_cotangents(self.materialize_cotangents)
 
     def abstract_state(self, model_factory: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
                        *, seed: int) -> tuple[nnx.GraphDef, TrainState]:
@@ -353,7 +358,8 @@ class Setup:
 
 def setup(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Setup:
     """The :class:`Setup` of ``config.mesh`` over ``devices`` (default: every device of every host)."""
-    return Setup(make_mesh(config, devices), remat=config.remat, scan_layers=config.scan_layers)
+    return Setup(make_mesh(config, devices), remat=config.remat, scan_layers=config.scan_layers,
+                 materialize_cotangents=config.materialize_cotangents)
 
 
 # ------------------------------------------------------------------------------------------ multi-host

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -51,6 +53,43 @@ def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# ------------------------------------------------------------------------------ cotangents (XLA:CPU)
+
+
+def _through_conditional(g: jax.Array) -> jax.Array:
+    # Both branches return ``g``; the copy in one keeps JAX from forwarding ``g`` past the cond (it drops
+    # outputs that every branch passes through), and the runtime predicate keeps XLA from folding it.
+    return jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda g: g, jnp.copy, g)
+
+
+@jax.custom_vjp
+def materialize_cotangent(y: jax.Array) -> jax.Array:
+    """Identity whose backward pass, when compiled for CPU, computes the cotangent of ``y`` once into a buffer.
+
+    Why: XLA:CPU fuses the elementwise backward chain of the residual stream (residual adds, norm backward,
+    dropout masks) into every transposed copy that feeds a weight-gradient matmul, so each copy recomputes
+    the chain from the top layer down: work grows with depth², about half of a tiny GPT-2's train step.
+    XLA cannot fuse into a conditional, so passing the cotangent through a ``jax.lax.cond`` (both branches
+    return it unchanged) makes XLA compute it once; gradients stay bit-identical.
+    ``jax.lax.optimization_barrier`` would not do: XLA:CPU removes it before fusion.
+
+    The platform is resolved at lowering (``jax.lax.platform_dependent``): for GPU and TPU the backward is
+    the plain identity and the compiled program is the one without this function.
+    """
+    return y
+
+
+def _materialize_fwd(y: jax.Array) -> tuple[jax.Array, None]:
+    return y, None
+
+
+def _materialize_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.platform_dependent(g, cpu=_through_conditional, default=lambda g: g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -58,8 +97,11 @@ class Dense(nnx.Module):
     """``y = x · W + b`` contracting the last ``len(in_shape)`` axes of ``x`` with the first axes of ``W``.
 
     Multi-axis kernels (e.g. ``[embed, heads, head_dim]``) keep heads as their own axis, so attention needs
-    no reshapes and the heads axis can be sharded.
+    no reshapes and the heads axis can be sharded. The output passes through :func:`materialize_cotangent`
+    unless ``materialize_cotangent`` is False (see :meth:`CausalLM.set_materialize_cotangents`).
     """
+
+    materialize_cotangent: bool = True
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str | None], *,
                  std: float, use_bias: bool, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs,
@@ -76,7 +118,7 @@ class Dense(nnx.Module):
                           preferred_element_type=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
-        return y
+        return materialize_cotangent(y) if self.materialize_cotangent else y
 
 
 class Embed(nnx.Module):
@@ -147,8 +189,57 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout as ``torch.nn.Dropout``; identity when ``key`` is None (evaluation) or ``rate`` is 0."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = keep_mask(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def keep_mask(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
+    """``jax.random.bernoulli(key, p, shape)``; compiled for CPU, the same mask from :func:`threefry_keep_mask`.
+
+    The platform is resolved at lowering (``jax.lax.platform_dependent``), so GPU and TPU programs keep
+    ``jax.random.bernoulli``; so does any setting where the two could differ (a non-threefry key,
+    ``jax_threefry_partitionable`` off, 64-bit mode, 2³² elements or more).
+    """
+    def bernoulli(key):
+        return jax.random.bernoulli(key, p, shape)
+
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = jax.random.key_impl(key) if typed else jax.config.jax_default_prng_impl
+    same_bits = (str(impl) == "threefry2x32" and jax.config.jax_threefry_partitionable
+                 and not jax.config.jax_enable_x64 and math.prod(shape) < 2 ** 32)
+    if not same_bits:
+        return bernoulli(key)
+    data = jax.random.key_data(key) if typed else key
+    return jax.lax.platform_dependent(data, cpu=lambda data: threefry_keep_mask(data, p, shape),
+                                      default=lambda _: bernoulli(key))
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_keep_mask(key_data: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
+    """``jax.random.bernoulli`` of a threefry key (``key_data``: its ``uint32[2]``), as plain ``jnp`` ops.
+
+    Why: on CPU JAX lowers the threefry hash as a rolled loop of 5 iterations, each copying its state and
+    computing the hash's two words in separate fusions (about 11 ms for a ``[32, 67, 256]`` mask on this
+    machine); unrolled into elementwise ops, XLA:CPU computes the hash, the xor of its words and the
+    comparison in one vectorised fusion (under 1 ms). Same bits as JAX with ``jax_threefry_partitionable``
+    (the default): element ``i`` hashes the counter ``(0, i)``, and ``uniform`` maps the top 23 bits ``m``
+    to ``m·2⁻²³``, so ``uniform < p`` is ``m < ceil(p·2²³)`` with ``p`` in float32. Valid below 2³²
+    elements, without ``jax_enable_x64``; ``tests/test_dropout.py`` checks the equality.
+    """
+    k1, k2 = key_data[0], key_data[1]
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0 = jnp.broadcast_to(ks[0], shape)
+    x1 = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + ks[1]
+    for block in range(5):
+        for rotation in _THREEFRY_ROTATIONS[block % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))) ^ x0
+        x0 = x0 + ks[(block + 1) % 3]
+        x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+    threshold = np.uint32(np.ceil(np.float64(np.float32(p)) * 2 ** 23))
+    return ((x0 ^ x1) >> np.uint32(9)) < threshold
 
 
 def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -257,6 +348,18 @@ class CausalLM(nnx.Module):
         if enabled:
             self._block_graphdef()
         self.scan_layers = enabled
+        return self
+
+    def set_materialize_cotangents(self, enabled: bool = True) -> CausalLM:
+        """Pass every :class:`Dense` output through :func:`materialize_cotangent` (the default); returns the model.
+
+        ``mesh.materialize_cotangents``. It changes only CPU compilations (faster backward passes, the same
+        gradients bit for bit); GPU and TPU programs are the same either way. The flag is a static attribute
+        of each ``Dense``, so it travels in the model's graphdef.
+        """
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, Dense):
+                module.materialize_cotangent = enabled
         return self
 
     def _block_graphdef(self) -> nnx.GraphDef:
