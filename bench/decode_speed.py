@@ -234,6 +234,7 @@ def run_vs_hf(n_examples: int, batch_sizes: list[int], repeats: int) -> list[dic
                      "ratio": ours_rate / hf_rate, "identical_tokens": identical,
                      "mean_generated_tokens": ours[0].mean_generated_tokens,
                      "default_batch": batch_size == auto_batch_size(len(data))})
+        print(json.dumps(rows[-1]), flush=True)  # progress: batch 1 of HF takes minutes on a busy CPU
     return rows
 
 
