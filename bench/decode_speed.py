@@ -209,7 +209,7 @@ def run_vs_hf(n_examples: int, batch_sizes: list[int], repeats: int) -> list[dic
     tokenizer = build_builtin_tokenizer()
     eos = tokenizer.eos_token_id
     data = encode_examples(examples_for(4, n_examples), tokenizer)
-    q_end, cot_end, last = (int(s) for s in data.seps[0])
+    _, cot_end, last = (int(s) for s in data.seps[0])
     explicit = (cot_end - 1, last - 1)
     config = tiny_gpt2_config(tokenizer, 256)
     model = from_config(config, seed=0)
@@ -224,7 +224,8 @@ def run_vs_hf(n_examples: int, batch_sizes: list[int], repeats: int) -> list[dic
         ours, hf = [], []
         for _ in range(repeats):
             ours.append(evaluator(scheduled))
-            hf.append(hf_generate(hf_model, evaluator.prompt_ids, evaluator.prompt_mask, batch_size, 100, eos, explicit))
+            hf.append(hf_generate(hf_model, evaluator.prompt_ids, evaluator.prompt_mask, batch_size, 100, eos,
+                                  explicit))
         hf_texts = tokenizer.batch_decode(hf[0][1], skip_special_tokens=True)
         identical = (hf_texts == [p.generated_text for p in ours[0].predictions]
                      and [len(t) for t in hf[0][1]] == [p.n_generated for p in ours[0].predictions])
