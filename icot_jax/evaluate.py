@@ -220,7 +220,7 @@ def parse_position_gap(text: str) -> str | int:
     return int(text)
 
 
-def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int = 32,
+def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int | None = None,
                         max_new_tokens: int = 800, n_remove: int | None = None, progress: bool = True,
                         position_gap: str | int = "auto") -> tuple[GenerationResult, dict]:
     """Generation accuracy and speed (and, with ``n_remove``, teacher-forced metrics) of a checkpoint.
@@ -249,7 +249,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, 
     metrics = {"checkpoint": str(checkpoint.path), "device": device_description(), **result.metrics(),
                "mean_position_gap": 0.0 if gaps is None else float(np.mean(gaps))}
     if n_remove is not None:
-        metrics.update(teacher_forced_metrics(checkpoint, data, n_remove, batch_size))
+        metrics.update(teacher_forced_metrics(checkpoint, data, n_remove, evaluator.batch_size))
     return result, metrics
 
 
@@ -345,7 +345,7 @@ def format_answer(answer: Answer) -> str:
 
 
 def tradeoff(checkpoints: Sequence[str | Path], examples: Sequence[Example], *, labels: Sequence[str] | None = None,
-             batch_size: int = 32, max_new_tokens: int = 800, progress: bool = True,
+             batch_size: int | None = None, max_new_tokens: int = 800, progress: bool = True,
              position_gap: str | int = "auto", **load_kwargs) -> list[dict]:
     """Accuracy and speed of each checkpoint on the same examples (one row per checkpoint, in order).
 
@@ -463,7 +463,8 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
                              "CoT length it was trained without (default: auto)")
     if data:
         parser.add_argument("--data", required=True, help="SRC||COT #### ANS file (e.g. valid.txt)")
-        parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")
+        parser.add_argument("--batch-size", type=int, help="prompts decoded together (default: the fewest even "
+                                                           "batches of at most 128)")
         parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
 
 

@@ -16,6 +16,7 @@ from icot_jax.generate import (
     DecodeSettings,
     Decoder,
     GenerationEvaluator,
+    auto_batch_size,
     greedy_decode_naive,
     left_pad_prompts,
 )
@@ -35,6 +36,10 @@ CONFIGS = {
     "mistral": transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
                                           max_position_embeddings=64, **TINY),
+    # Fused qkv / gate-up projections and partial rotary; its padding row is EOS, as in Phi-3.
+    "phi3": transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64,
+                                    pad_token_id=EOS, **TINY),
 }
 
 
@@ -240,3 +245,12 @@ def test_whole_evaluation_compiles_once_and_reuses_it_for_new_weights(builtin_to
     assert (first.compiles, second.compiles) == (1, 0)
     assert second.compile_seconds == 0.0
     assert first.n_examples == second.n_examples == 10
+
+
+def test_default_batch_size_splits_the_data_evenly_into_the_fewest_batches(builtin_tokenizer):
+    assert [auto_batch_size(n) for n in (1, 5, 128, 129, 200, 1000)] == [1, 5, 128, 65, 100, 125]
+    assert auto_batch_size(10, max_batch_size=4) == 4  # 3 batches: 4, 4, 2
+    with pytest.raises(ValueError, match="n_examples"):
+        auto_batch_size(0)
+    examples = [Example("1 2 * 3", "4", "#### 5")] * 3
+    assert GenerationEvaluator(builtin_tokenizer, examples, progress=False).batch_size == 3

@@ -265,40 +265,46 @@ def causal_mask(query_slots: jax.Array, key_valid: jax.Array, sliding_window: in
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-              dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+              dropout_rate: float = 0.0, dropout_key: jax.Array | None = None, heads_first: bool = False
+              ) -> jax.Array:
     """``softmax(q·kᵀ·scale) · v`` with grouped-query heads; scores and softmax in float32.
 
-    Shapes: ``q [B, T, H, D]``, ``k, v [B, S, K, D]`` with ``H`` a multiple of ``K`` (query head ``h`` reads
-    key/value head ``h // (H // K)``, as Hugging Face's ``repeat_kv``), ``mask bool [B, T, S]``.
+    Shapes: ``q [B, T, H, D]``, ``k, v [B, S, K, D]`` (or ``[B, K, S, D]`` with ``heads_first``) with ``H``
+    a multiple of ``K`` (query head ``h`` reads key/value head ``h // (H // K)``, as Hugging Face's
+    ``repeat_kv``), ``mask bool [B, T, S]``.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv = "bksd" if heads_first else "bskd"
+    kv_heads = k.shape[1 if heads_first else 2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     # A large finite value rather than -inf: a query with no visible key (a padding row) then gets a
     # uniform distribution instead of NaN.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v)
     return out.reshape(batch, length, heads, head_dim)
 
 
-LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) of one layer, each [B, S, K, D]
+LayerCache = tuple[jax.Array, jax.Array]  # (keys, values) of one layer, each [B, K, S, D]
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      layer_cache: LayerCache | None, cache_index: jax.Array | None, **kwargs
-                     ) -> tuple[jax.Array, LayerCache]:
-    """Attention over the new keys/values, or over the cache after writing them at ``cache_index``.
+                     ) -> tuple[jax.Array, LayerCache | None]:
+    """Attention over the new keys/values ``[B, T, K, D]``, or over the cache after writing them at
+    ``cache_index``. Returns the attention output and the layer's updated cache (None without one).
 
-    Returns the attention output and the layer's (updated) keys and values.
+    The cache keeps heads before slots (:class:`KVCache`), so the write is an in-place
+    ``dynamic_update_slice`` of ``T`` slots and the attention dots read the cache as they find it; with
+    slots first, XLA:CPU copied every layer's whole cache into that layout at every decode step.
     """
-    if layer_cache is not None:
-        cached_k, cached_v = layer_cache
-        start = (0, cache_index, 0, 0)
-        k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
-        v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
-    return attention(q, k, v, mask, **kwargs), (k, v)
+    if layer_cache is None:
+        return attention(q, k, v, mask, **kwargs), None
+    start = (0, 0, cache_index, 0)
+    k, v = (jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), start)
+            for cached, new in zip(layer_cache, (k, v)))
+    return attention(q, k, v, mask, heads_first=True, **kwargs), (k, v)
 
 
 @jax.tree_util.register_dataclass
@@ -307,7 +313,8 @@ class KVCache:
     """Fixed-shape decoding cache (a pytree, so it can be a ``lax.while_loop`` carry).
 
     Attributes:
-      keys, values: one ``[B, max_length, kv_heads, head_dim]`` array per layer.
+      keys, values: one ``[B, kv_heads, max_length, head_dim]`` array per layer (heads before slots: the
+        layout the attention dots read, at every batch size; see :func:`cached_attention`).
       valid: ``bool[B, max_length]``, True for slots holding a real (non-padding) token.
       index: ``int32[]``, the next slot to write; every row shares it (prompts are left-padded).
     """
@@ -387,7 +394,7 @@ class CausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: DTypeLike | None = None) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens (prompt + generated)."""
         config = self.config
-        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         dtype = self.dtype if dtype is None else jnp.dtype(dtype)
         return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
