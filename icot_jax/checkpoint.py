@@ -23,8 +23,11 @@ import orbax.checkpoint as ocp
 from icot_jax.rundir import is_remote
 
 
-def _manager(directory: Path | str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+def _manager(directory: Path | str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+    if read_only:  # save_interval_steps and create as orbax forces them, so that it does not warn about them
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -41,12 +44,15 @@ def abstract_like(tree: Any) -> Any:
 
 
 class RunCheckpoints:
-    """The checkpoints of one run: ``latest`` (full state, last ``keep``) and ``best`` (params only)."""
+    """The checkpoints of one run: ``latest`` (full state, last ``keep``) and ``best`` (params only).
 
-    def __init__(self, run_dir: Path | str, *, keep: int):
+    ``read_only``: only restore (creates no folder; ``keep`` is unused), as :func:`icot_jax.runs.open_run` does.
+    """
+
+    def __init__(self, run_dir: Path | str, *, keep: int = 1, read_only: bool = False):
         run_dir = _directory(run_dir)
-        self.latest = _manager(f"{run_dir}/checkpoints", keep)
-        self.best = _manager(f"{run_dir}/best", 1)
+        self.latest = _manager(f"{run_dir}/checkpoints", keep, read_only)
+        self.best = _manager(f"{run_dir}/best", 1, read_only)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Save the full train state and its JSON metadata at ``step`` (no-op if already saved)."""

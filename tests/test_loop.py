@@ -68,11 +68,12 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
 
 
 def _final_params(run_dir: Path) -> list[np.ndarray]:
-    from icot_jax.train.loop import load_run_model
-    from flax import nnx
     import jax
+    from flax import nnx
 
-    model, _, _ = load_run_model(run_dir, which="latest")
+    from icot_jax.runs import open_run
+
+    model = open_run(run_dir, which="latest").model
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
@@ -260,11 +261,11 @@ def test_export_hf_records_how_the_run_was_trained(uninterrupted, tmp_path):
     """`icot export-hf` writes icot_jax.json, so the exported folder evaluates like its run directory (here
     `join: segments`, where an HF folder without the file defaults to `reference`)."""
     from icot_jax.cli import main
-    from icot_jax.evaluate import load_checkpoint
+    from icot_jax.runs import open_run
 
     out = tmp_path / "exported"
     assert main(["export-hf", str(uninterrupted), str(out)]) == 0
-    run, exported = load_checkpoint(uninterrupted), load_checkpoint(out)
+    run, exported = open_run(uninterrupted), open_run(out)
     assert (exported.join, exported.keep_position) == (run.join, run.keep_position) == ("segments", False)
     assert exported.removal_side == run.removal_side == "left"
     assert json.loads((out / "icot_jax.json").read_text())["source"] == str(uninterrupted.resolve())

@@ -76,18 +76,13 @@ def run_demo(args: argparse.Namespace) -> int:
 @user_errors_exit
 def run_export(args: argparse.Namespace) -> int:
     """``icot export-hf RUN_DIR OUT_DIR``: the run's best (or latest) weights as an HF folder, with an
-    ``icot_jax.json`` recording the run's join mode and position handling for ``icot eval``."""
-    from icot_jax.evaluate import write_export_info
-    from icot_jax.models import hf
-    from icot_jax.train.loop import load_run_model
+    ``icot_jax.json`` recording the run's join mode and position handling for ``icot eval`` (both local or
+    ``gs://``)."""
+    from icot_jax.runs import export_hf, open_run
 
-    model, tokenizer, config = load_run_model(args.run_dir, which=args.which)
-    import transformers
-
-    hf_config = transformers.AutoConfig.from_pretrained(str(Path(args.run_dir) / "model"))
-    hf.export_pretrained(model, hf_config, args.out, tokenizer=tokenizer)
-    write_export_info(args.out, config, source=Path(args.run_dir).resolve())
-    print(f"exported {args.which} weights of {args.run_dir} to {args.out}")
+    run = open_run(args.run_dir, which=args.which)
+    export_hf(run, args.out)
+    print(f"exported the {run.which} weights (step {run.step}) of {args.run_dir} to {args.out}")
     return 0
 
 
@@ -105,7 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides of the demo config")
     d.set_defaults(run=run_demo)
     e = subparsers.add_parser("export-hf", help="export a run's weights as a Hugging Face folder")
-    e.add_argument("run_dir")
-    e.add_argument("out")
+    e.add_argument("run_dir", help="training run directory (local or gs://)")
+    e.add_argument("out", help="folder to write (local or gs://)")
     e.add_argument("--which", choices=("best", "latest"), default="best")
     e.set_defaults(run=run_export)

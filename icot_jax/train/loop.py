@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from icot_jax import parallel
 from icot_jax.checkpoint import RunCheckpoints
-from icot_jax.config import Config, load_config
+from icot_jax.config import Config
 from icot_jax.data.formats import read_examples
 from icot_jax.data.loader import BatchLoader
 from icot_jax.data.tokenize import (EncodedDataset, OverlengthError, encode_examples, load_tokenizer,
@@ -36,11 +36,10 @@ from icot_jax.data.tokenize import (EncodedDataset, OverlengthError, encode_exam
 from icot_jax.models.hf_configs import model_hf_config
 from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
 from icot_jax.removal import Curriculum, Schedule, reference_batch_length
-from icot_jax.rundir import RunDir
 from icot_jax.train.divergence import DivergenceGuard, TrainingDiverged
 from icot_jax.train.logs import MetricsLog, plot_run
 from icot_jax.train.session import RunSession
-from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, optimizer_for, split_model
+from icot_jax.train.step import StepConfig, TrainState, TrainStep, optimizer_for
 from icot_jax.train.widths import Widths, plan_widths, round_up
 
 
@@ -118,31 +117,6 @@ def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.S
         raise ValueError(f"model.hf: vocabulary of {hf_config.vocab_size} < tokenizer's {len(tokenizer)} tokens")
     hf_config.save_pretrained(str(run_dir / "model"))
     return graphdef, state
-
-
-def load_run_model(run_dir: Path | str, which: str = "best"):
-    """``(model, tokenizer, config)`` of a training run, with the ``best`` or ``latest`` weights."""
-    import transformers
-
-    from icot_jax.models import hf
-
-    run = RunDir(run_dir)
-    run.pull()
-    config = load_config(run.local / "config.yaml")
-    tokenizer = load_tokenizer(run.local / "tokenizer")
-    hf_config = transformers.AutoConfig.from_pretrained(str(run.local / "model"))
-    m = config.model
-    abstract = nnx.eval_shape(lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=0))
-    graphdef, params, rest = split_model(abstract)
-    checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
-    if which == "best" and checkpoints.best.latest_step() is not None:
-        params, _ = checkpoints.restore_best(params)
-    else:
-        optimizer = optimizer_for(config.train)
-        state_like = jax.eval_shape(lambda: init_train_state(params, rest, optimizer, seed=0))
-        params = checkpoints.restore(state_like)[0].params
-    checkpoints.close()
-    return nnx.merge(graphdef, params, rest), tokenizer, config
 
 
 def make_curriculum(config: Config, n_train: int) -> Curriculum:
