@@ -16,14 +16,15 @@ import pytest
 from test_loop import TINY, _cli, _wait_for_checkpoint
 
 from icot_jax.cli import main
-from icot_jax.config import load_config, save_config
+from icot_jax.config import DEMO_CONFIG, load_config, save_config
+from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
+from icot_jax.loop.lock import RunDirLocked, RunLock
+from icot_jax.loop.logs import read_metrics
+from icot_jax.loop.resume import read_config_history
+from icot_jax.loop.preemption import Preemption
+from icot_jax.loop.state import is_new_best
+from icot_jax.loop.training import train
 from icot_jax.removal import Curriculum, Schedule
-from icot_jax.train.commands import DEMO_CONFIG
-from icot_jax.train.divergence import DivergenceGuard, TrainingDiverged
-from icot_jax.train.lock import RunDirLocked, RunLock
-from icot_jax.train.logs import read_metrics
-from icot_jax.train.loop import _Preemption, is_new_best, resets_best, train
-from icot_jax.train.resume import read_config_history
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
@@ -58,7 +59,7 @@ def test_a_second_process_is_refused_and_ctrl_c_saves_and_prints_the_resume_comm
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    preemption = _Preemption("RUN")
+    preemption = Preemption("RUN")
     try:
         signal.raise_signal(signal.SIGINT)
         assert preemption.requested and preemption.signal == signal.SIGINT
@@ -196,7 +197,7 @@ def _best_marks(curriculum: Curriculum, cot_tokens: int, accuracies: list[float]
     best, reset, marks = None, False, []
     for epoch, accuracy in enumerate(accuracies):
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-            reset = reset or resets_best(curriculum, curriculum.plan(step, seps, np.array([True])))
+            reset = reset or curriculum.plan(step, seps, np.array([True])).resets_best
         marks.append(is_new_best(best, accuracy, reset=reset))
         best, reset = accuracy if marks[-1] else best, False
     return marks

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icot_jax.config import ConfigError, load_config
-from icot_jax.train.commands import DEMO_CONFIG
-from icot_jax.train.loop import is_new_best, train
+from icot_jax.config import DEMO_CONFIG, ConfigError, load_config
+from icot_jax.loop.state import is_new_best
+from icot_jax.loop.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,23 +233,24 @@ def test_every_shipped_config_validates(path):
 
 
 def test_hosts_plan_the_global_batch_and_keep_their_rows(tmp_path):
+    from icot_jax.build import build_curriculum
     from icot_jax.data.formats import read_examples
     from icot_jax.data.loader import BatchLoader
     from icot_jax.data.multiplication import write_dataset
     from icot_jax.data.tokenize import build_builtin_tokenizer, encode_examples
-    from icot_jax.train.loop import global_view, make_curriculum, plan_batch
+    from icot_jax.loop.training import plan_batch
 
     write_dataset(tmp_path, [2, 3], {"train": 40}, seed=0)
     data = encode_examples(read_examples(tmp_path / "train.txt").examples, build_builtin_tokenizer())
     config = load_config(DEMO_CONFIG, ["train.batch_size=8", "train.remove_per_epoch=16"])
-    curriculum = make_curriculum(config, len(data))
+    curriculum = build_curriculum(config, len(data))
     single = BatchLoader(data, 8, seed=3, process_index=0, process_count=1)
     hosts = [BatchLoader(data, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
     for batch_index in range(2 * single.steps_per_epoch):
         epoch, step = divmod(batch_index, single.steps_per_epoch)
         whole, _ = plan_batch(curriculum, single, single, single.batch(epoch, step), epoch, step, batch_index,
                               prev_cot_left=True)
-        parts = [plan_batch(curriculum, h, global_view(h), h.batch(epoch, step), epoch, step, batch_index,
+        parts = [plan_batch(curriculum, h, h.global_view(), h.batch(epoch, step), epoch, step, batch_index,
                             prev_cot_left=True) for h in hosts]
         for plan, _ in parts:  # the same decisions on every host
             assert (plan.schedule, plan.cot_left, plan.reset_optimizer, plan.batch_length) == (

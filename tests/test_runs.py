@@ -18,10 +18,9 @@ import pytest
 from test_loop import TINY
 
 from icot_jax.cli import main
-from icot_jax.config import load_config, save_config
+from icot_jax.config import DEMO_CONFIG, load_config, save_config
 from icot_jax.errors import UserError
 from icot_jax.runs import open_run
-from icot_jax.train.commands import DEMO_CONFIG
 
 
 def _free_port() -> int:
@@ -146,7 +145,7 @@ def test_a_gs_run_trains_resumes_evaluates_exports_and_generates(gcs, tmp_path, 
     """The TPU setup's run directory on (emulated) GCS, through the public functions and the CLI."""
     from etils import epath
 
-    from icot_jax.train.loop import train
+    from icot_jax.loop.training import train
 
     url, exported = f"{gcs}/runs/tiny", f"{gcs}/exported/tiny"
     config = load_config(DEMO_CONFIG, [*TINY, "train.epochs=1", "data.generate_valid=16", f"run_dir={url}"])
