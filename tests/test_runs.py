@@ -170,6 +170,10 @@ def test_a_gs_run_trains_resumes_evaluates_exports_and_generates(gcs, tmp_path, 
     run = open_run(url, which="latest")
     assert (run.which, run.step, run.url, run.join) == ("latest", 16, url, config.data.join)
     assert open_run(url).step == summary["best_step"]
+    half = open_run(url, which="latest", dtype="bfloat16")  # restored from float32, cast by orbax
+    for a, b in zip(_params(run.model), _params(half.model), strict=True):
+        assert b.dtype.name == "bfloat16"
+        np.testing.assert_allclose(b.astype(np.float32), a, rtol=2**-8, atol=1e-30)
     assert main(["export-hf", url, exported, "--which", "latest"]) == 0
     folder = open_run(exported)
     assert (folder.config, folder.join, folder.keep_position) == (None, run.join, run.keep_position)
