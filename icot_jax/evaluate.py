@@ -16,12 +16,13 @@ import dataclasses
 import json
 import re
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icot_jax.cli import user_errors_exit
-from icot_jax.config import CHOICES
+from icot_jax.config import DType, JoinMode, RemovalSide
 
 if TYPE_CHECKING:
     from icot_jax.data.formats import Example
@@ -85,8 +86,8 @@ class Checkpoint:
 
 EXPORT_INFO_FILE = "icot_jax.json"
 """What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
-_EXPORT_INFO_KEYS = {"join": CHOICES["data.join"], "keep_position": (True, False),
-                     "removal_side": CHOICES["train.removal_side"]}
+_EXPORT_INFO_KEYS = {"join": typing.get_args(JoinMode), "keep_position": (True, False),
+                     "removal_side": typing.get_args(RemovalSide)}
 
 
 def write_export_info(folder: str | Path, config: Any, source: str | Path | None = None) -> Path:
@@ -447,9 +448,9 @@ def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
     """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="weights of a run directory (default: best)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=typing.get_args(DType), default="float32",
                         help="dtype of a Hugging Face folder's weights and compute (default: float32)")
-    parser.add_argument("--join", choices=CHOICES["data.join"],
+    parser.add_argument("--join", choices=typing.get_args(JoinMode),
                         help="tokenization mode of training (default: the run's, or 'reference')")
     if data:
         parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
