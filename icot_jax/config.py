@@ -380,7 +380,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
-    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+    inherited = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    inherited.pop("name", None)  # a run is named by its own file (its `name`, else its stem), never its base
+    return _merge(inherited, raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
