@@ -356,6 +356,7 @@ def from_dict(raw: dict, where: str = "config") -> Config:
 
 
 def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key at every depth; any other value replaces the base's."""
     merged = _deep_copy(base)
     for key, value in top.items():
         both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
@@ -388,8 +389,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
-    A file may start from another with ``base: other.yaml`` (path relative to the file); its keys are
-    merged section by section over the base's. ``name`` defaults to the file's stem.
+    A file may start from another with ``base: other.yaml`` (path relative to the file). Mappings merge key
+    by key at every depth, sections and ``model.overrides`` alike, so a file states only what it changes;
+    lists and scalars replace the base's. ``name`` is the file's own (default: its stem), never its base's.
+    An override ``a.b=value`` replaces the value at that key, a mapping included (``model.overrides={...}``
+    is the whole mapping; ``model.overrides.n_layer=4`` one entry of it).
     Errors name the file (or "command line") and the offending dotted key.
     """
     raw: dict = {}
