@@ -219,6 +219,13 @@ def test_a_literal_field_takes_exactly_its_values(key, allowed, tmp_path):
         validate(made_in_code)
 
 
+def test_the_training_docs_list_the_allowed_values():
+    rows = [line for line in (REPO / "docs" / "training.md").read_text().splitlines() if line.startswith("| `")]
+    for key, allowed in literal_fields():
+        row = next(r for r in rows if f"`{key}`" in r.split("|")[1])
+        assert row.split("|")[2].strip() == ", ".join(f"`{value}`" for value in allowed), key
+
+
 def test_a_literal_error_suggests_the_closest_value():
     with pytest.raises(ConfigError, match=r"key 'train.mode' is 'no-cot'; expected one of icot, explicit, no_cot; "
                                           r"did you mean 'no_cot'\?"):
