@@ -15,11 +15,12 @@ import dataclasses
 import json
 import re
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icot_jax.config import CHOICES
+from icot_jax.config import JoinMode, RemovalSide
 
 if TYPE_CHECKING:
     from icot_jax.data.formats import Example
@@ -83,8 +84,8 @@ class Checkpoint:
 
 EXPORT_INFO_FILE = "icot_jax.json"
 """What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
-_EXPORT_INFO_KEYS = {"join": CHOICES["data.join"], "keep_position": (True, False),
-                     "removal_side": CHOICES["train.removal_side"]}
+_EXPORT_INFO_KEYS = {"join": typing.get_args(JoinMode), "keep_position": (True, False),
+                     "removal_side": typing.get_args(RemovalSide)}
 
 
 def write_export_info(folder: str | Path, config: Any, source: str | Path | None = None) -> Path:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
-from icot_jax.data.tokenize import JoinMode
+from icot_jax.config import DType, JoinMode
 from icot_jax.evaluation import DEFAULT_MAX_NEW_TOKENS, Checkpoint, load_checkpoint
 from icot_jax.removal import REMOVE_ALL
 
@@ -39,7 +39,7 @@ def checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
     """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="weights of a run directory (default: best)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=get_args(DType), default="float32",
                         help="dtype of a Hugging Face folder's weights and compute (default: float32)")
     parser.add_argument("--join", choices=get_args(JoinMode),
                         help="tokenization mode of training (default: the run's, or 'reference')")

@@ -16,21 +16,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from icot_jax.config import ErrorOrSkip, JoinMode
 from icot_jax.data.formats import Example, read_examples
 
 logger = logging.getLogger(__name__)
-
-JoinMode = Literal["reference", "segments"]
-OnOverlength = Literal["error", "skip"]
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -103,7 +101,7 @@ def encode_examples(
     mode: JoinMode = "reference",
     max_length: int | None = None,
     buckets: Sequence[int] | None = None,
-    on_overlength: OnOverlength = "error",
+    on_overlength: ErrorOrSkip = "error",
     source: str | Path | None = None,
 ) -> EncodedDataset:
     """Tokenizes examples into an `EncodedDataset`.
@@ -115,8 +113,8 @@ def encode_examples(
     """
     if not examples:
         raise ValueError(f"no examples to encode{_where(source)}")
-    if on_overlength not in ("error", "skip"):
-        raise ValueError(f"on_overlength must be 'error' or 'skip', got {on_overlength!r}")
+    if on_overlength not in typing.get_args(ErrorOrSkip):
+        raise ValueError(f"on_overlength must be one of {typing.get_args(ErrorOrSkip)}, got {on_overlength!r}")
     buckets = _checked_buckets(buckets)
     _check_no_eos_in_content(examples, tokenizer.eos_token, source)
     eos_id, prefix = tokenizer.eos_token_id, _special_prefix(tokenizer)
@@ -185,7 +183,7 @@ class OverlengthError(ValueError):
 
 
 def _check_max_length(
-    lengths: np.ndarray, limit: tuple[int, str] | None, on_overlength: OnOverlength, source: str | Path | None
+    lengths: np.ndarray, limit: tuple[int, str] | None, on_overlength: ErrorOrSkip, source: str | Path | None
 ) -> np.ndarray:
     """Mask of the rows to keep; raises or logs about the rows longer than `limit`."""
     if limit is None:
@@ -218,8 +216,8 @@ def _tokenize_rows(
     examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, mode: JoinMode, prefix: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """All rows' ids concatenated (int32) and each row's length."""
-    if mode not in ("reference", "segments"):
-        raise ValueError(f"mode must be 'reference' or 'segments', got {mode!r}")
+    if mode not in typing.get_args(JoinMode):
+        raise ValueError(f"mode must be one of {typing.get_args(JoinMode)}, got {mode!r}")
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     flats, lengths = [], []
     progress = tqdm(
