@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from icot_jax.config import ErrorOrSkip, JoinMode
 from icot_jax.data.formats import Example, read_examples
+from icot_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def load_tokenizer(name_or_path: str | Path, *, local_files_only: bool = False) 
     `local_files_only=True` never asks the hub (a folder or the local cache, else `OSError`)."""
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path} has no EOS token, which separates the segments")
+        raise UserError(f"tokenizer {name_or_path} has no EOS token, which separates the segments")
     return tokenizer
 
 
@@ -112,7 +113,7 @@ def encode_examples(
     file in error messages.
     """
     if not examples:
-        raise ValueError(f"no examples to encode{_where(source)}")
+        raise UserError(f"no examples to encode{_where(source)}")
     if on_overlength not in typing.get_args(ErrorOrSkip):
         raise ValueError(f"on_overlength must be one of {typing.get_args(ErrorOrSkip)}, got {on_overlength!r}")
     buckets = _checked_buckets(buckets)
@@ -145,7 +146,7 @@ def smallest_bucket(buckets: Sequence[int], length: int) -> int:
     """The smallest of the sorted `buckets` that holds `length` tokens."""
     i = int(np.searchsorted(buckets, length))
     if i == len(buckets):
-        raise ValueError(f"a row of {length} tokens fits no bucket (largest: {buckets[-1]})")
+        raise UserError(f"a row of {length} tokens fits no bucket (largest: {buckets[-1]})")
     return int(buckets[i])
 
 
@@ -161,7 +162,7 @@ def _where(source: str | Path | None) -> str:
 def _checked_buckets(buckets: Sequence[int] | None) -> tuple[int, ...]:
     buckets = tuple(sorted(set(int(b) for b in buckets or ())))
     if buckets and buckets[0] < 1:
-        raise ValueError(f"buckets must be positive lengths, got {buckets}")
+        raise UserError(f"data.buckets must be positive lengths, got {buckets}")
     return buckets
 
 
@@ -172,7 +173,7 @@ def _length_limit(buckets: tuple[int, ...], max_length: int | None) -> tuple[int
     return min(limits, default=None)
 
 
-class OverlengthError(ValueError):
+class OverlengthError(UserError):
     """Examples are longer than the length limit: ``detail`` says how many and by how much, ``first`` is
     the index of the first one (callers that know its line or config key can say more)."""
 
