@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from icot_jax.errors import MissingPathError
 from icot_jax.rundir import is_remote
 
 
@@ -76,7 +77,7 @@ class RunCheckpoints:
         """Restore ``(state, meta)`` at ``step`` (default: latest) into the structure/shardings of ``state_like``."""
         step = self.latest.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{self.latest.directory}: no checkpoint to resume from")
+            raise MissingPathError(f"{self.latest.directory}: no checkpoint to resume from")
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(state_like)), meta=ocp.args.JsonRestore()
         )
@@ -87,7 +88,7 @@ class RunCheckpoints:
         """Restore ``(params, meta)`` of the best checkpoint into the structure of ``params_like``."""
         step = self.best.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{self.best.directory}: no best checkpoint")
+            raise MissingPathError(f"{self.best.directory}: no best checkpoint")
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_like(params_like)), meta=ocp.args.JsonRestore()
         )
@@ -110,7 +111,7 @@ def read_meta(run_dir: Path | str, which: str = "checkpoints") -> dict:
     manager = ocp.CheckpointManager(f"{_directory(run_dir)}/{which}", options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{run_dir}/{which}: no checkpoint")
+        raise MissingPathError(f"{run_dir}/{which}: no checkpoint")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     manager.close()
     return dict(meta)

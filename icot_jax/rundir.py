@@ -19,6 +19,8 @@ from pathlib import Path
 
 from etils import epath
 
+from icot_jax.errors import MissingPathError
+
 MIRRORED_SKIP = ("checkpoints", "best", "lock")
 """Top-level entries never mirrored: the folders that orbax writes to the run directory itself, and the
 lock of ``icot_jax.loop.lock`` (it belongs to one machine's file system)."""
@@ -99,7 +101,7 @@ class RunDir:
             return
         remote = epath.Path(self.url)
         if not remote.exists():
-            raise FileNotFoundError(f"{self.url}: run directory not found")
+            raise MissingPathError(f"{self.url}: run directory not found")
         for relative, file in self._files(remote, names=names):
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import tempfile
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 from etils import epath
 
 from icot_jax.checkpoint import RunCheckpoints
-from icot_jax.config import CHOICES, Config, load_config
-from icot_jax.errors import UserError
+from icot_jax.config import Config, JoinMode, RemovalSide, load_config
+from icot_jax.errors import MissingPathError, UserError, UserPathError
 from icot_jax.rundir import RunDir, is_remote
 
 WHICH = ("best", "latest")
@@ -39,8 +40,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EXPORT_INFO_FILE = "icot_jax.json"
 """What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
 
-_EXPORT_INFO_KEYS = {"join": CHOICES["data.join"], "keep_position": (True, False),
-                     "removal_side": CHOICES["train.removal_side"]}
+_EXPORT_INFO_KEYS = {"join": typing.get_args(JoinMode), "keep_position": (True, False),
+                     "removal_side": typing.get_args(RemovalSide)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +99,9 @@ def _readable(url: str) -> Iterator[tuple[RunDir, set[str]]]:
     folder, deleted on exit (everything is in memory by then)."""
     folder = epath.Path(url)
     if not folder.is_dir():
-        raise UserError(f"{url}: {'not a folder' if folder.exists() else 'not found'} (expected a training run "
-                        "directory or a Hugging Face folder)")
+        error = UserPathError if folder.exists() else MissingPathError
+        raise error(f"{url}: {'not a folder' if folder.exists() else 'not found'} (expected a training run "
+                    "directory or a Hugging Face folder)")
     names = {entry.name for entry in folder.iterdir()}
     if not is_remote(url):
         yield RunDir(url), names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, get_args
 
-from icot_jax.data.tokenize import JoinMode
+from icot_jax.config import DType, JoinMode
 from icot_jax.evaluation import DEFAULT_MAX_NEW_TOKENS
 from icot_jax.removal import REMOVE_ALL
 
@@ -44,7 +44,7 @@ def checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
     """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="weights of a run directory (default: best; latest when it has no best yet)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", choices=get_args(DType),
                         help="dtype of the weights and compute (default: a run's model.dtype and model.param_dtype, "
                              "float32 for a Hugging Face folder)")
     parser.add_argument("--join", choices=get_args(JoinMode),
