@@ -23,13 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``icot`` script. A :class:`~icot_jax.errors.UserError` (or a file the user
-    named that cannot be read) ends the command with one line naming what to fix (``SystemExit``, status
-    1); anything else is a bug and keeps its traceback."""
+    """Entry point of the ``icot`` script. A :class:`~icot_jax.errors.UserError` ends the command with one
+    line naming what to fix (``SystemExit``, status 1); anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0  # handlers may return an exit status
-    except (UserError, ValueError, OSError) as error:
+    except UserError as error:
         raise SystemExit(f"icot {args.command}: error: {error}") from error
 
 

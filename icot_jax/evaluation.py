@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from icot_jax.errors import UserError
+
 if TYPE_CHECKING:
     from icot_jax.data.formats import Example
     from icot_jax.runs import OpenedRun
@@ -74,10 +76,10 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[Examp
     from icot_jax.data.formats import read_examples
 
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise UserError(f"--limit must be >= 1, got {limit}")
     examples = read_examples(path).examples[:limit]
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return examples
 
 
@@ -159,7 +161,7 @@ def generation_budget(checkpoint: OpenedRun, prompt_length: int, position_gap: i
     room = n_positions - prompt_length - position_gap
     used = f"the prompt takes {prompt_length}" + (f" and the position gap {position_gap}" if position_gap else "")
     if room < 1:
-        raise ValueError(f"nothing can be generated: the model has {n_positions} positions and {used}")
+        raise UserError(f"nothing can be generated: the model has {n_positions} positions and {used}")
     if wanted > room:
         print(f"max_new_tokens capped at {room} (asked for {wanted}): the model has {n_positions} positions and "
               f"{used}", file=sys.stderr)
@@ -175,7 +177,7 @@ def generate_answer(checkpoint: OpenedRun, question: str, *, max_new_tokens: int
     operands); for other questions pass the number. ``max_new_tokens``: see :func:`generation_budget`.
     """
     if not question.strip():
-        raise ValueError("the question is empty: give the text to answer, e.g. '3719*3349'")
+        raise UserError("the question is empty: give the text to answer, e.g. '3719*3349'")
     import numpy as np
     from flax import nnx
 
@@ -192,7 +194,7 @@ def generate_answer(checkpoint: OpenedRun, question: str, *, max_new_tokens: int
     if position_gap == "auto" and checkpoint.keep_position:
         operands = multiplication_operands(model_input)
         if operands is None or None in operands:
-            raise ValueError("this checkpoint was trained with train.keep_position: pass --position-gap N (the "
+            raise UserError("this checkpoint was trained with train.keep_position: pass --position-gap N (the "
                              "length of the CoT it was trained without); 'auto' knows it only for multiplication")
         full = encode_examples([parse_line(format_example(*operands))], tokenizer, mode=checkpoint.join)
         gap = int(keep_position_gaps(full, REMOVE_ALL)[0])
@@ -235,7 +237,7 @@ def tradeoff(checkpoints: Sequence[str | Path], examples: Sequence[Example], *, 
 
     labels = list(labels) if labels else [str(c).rstrip("/").rpartition("/")[2] or str(c) for c in checkpoints]
     if len(labels) != len(checkpoints):
-        raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+        raise UserError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
     rows = []
     for label, path in zip(labels, checkpoints):
         result, _ = evaluate_checkpoint(open_run(path, **open_kwargs), examples, batch_size=batch_size,
