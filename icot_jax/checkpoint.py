@@ -75,25 +75,11 @@ class RunCheckpoints:
 
     def restore(self, state_like: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore ``(state, meta)`` at ``step`` (default: latest) into the structure/shardings of ``state_like``."""
-        step = self.latest.latest_step() if step is None else step
-        if step is None:
-            raise MissingPathError(f"{self.latest.directory}: no checkpoint to resume from")
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(state_like)), meta=ocp.args.JsonRestore()
-        )
-        restored = self.latest.restore(step, args=args)
-        return restored.state, dict(restored.meta)
+        return _restore(self.latest, "state", state_like, step, "no checkpoint to resume from")
 
     def restore_best(self, params_like: Any) -> tuple[Any, dict]:
         """Restore ``(params, meta)`` of the best checkpoint into the structure of ``params_like``."""
-        step = self.best.latest_step()
-        if step is None:
-            raise MissingPathError(f"{self.best.directory}: no best checkpoint")
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_like(params_like)), meta=ocp.args.JsonRestore()
-        )
-        restored = self.best.restore(step, args=args)
-        return restored.params, dict(restored.meta)
+        return _restore(self.best, "params", params_like, None, "no best checkpoint")
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -104,6 +90,17 @@ class RunCheckpoints:
         """Finish pending saves and release the managers."""
         self.latest.close()
         self.best.close()
+
+
+def _restore(manager: ocp.CheckpointManager, name: str, like: Any, step: int | None, missing: str
+             ) -> tuple[Any, dict]:
+    """``(tree, meta)`` of ``manager``'s checkpoint ``step`` (default: latest); its tree is saved as ``name``."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise MissingPathError(f"{manager.directory}: {missing}")
+    args = ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_like(like)), "meta": ocp.args.JsonRestore()})
+    restored = manager.restore(step, args=args)
+    return restored[name], dict(restored.meta)
 
 
 def read_meta(run_dir: Path | str, which: str = "checkpoints") -> dict:
