@@ -70,17 +70,15 @@ def peak_tflops(device_kind: str, dtype: str, given: float | None) -> float | No
 
 @dataclasses.dataclass
 class StepRecord:
-    """What :func:`time_steps` measured, one entry per trained batch (skipped batches only counted)."""
+    """What :func:`time_steps` measured: one row per trained batch (skipped batches only counted)."""
 
-    times: list = dataclasses.field(default_factory=list)
-    examples: list = dataclasses.field(default_factory=list)
-    tokens: list = dataclasses.field(default_factory=list)
-    flops: list = dataclasses.field(default_factory=list)
-    losses: list = dataclasses.field(default_factory=list)
-    first_call: list = dataclasses.field(default_factory=list)
-    timed_steps: list = dataclasses.field(default_factory=list)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    """``index``, ``seconds``, ``first_call`` (it compiled), ``loss``, ``examples``, ``tokens``, ``flops``."""
     resets: int = 0
     skipped: int = 0
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([row[key] for row in self.rows])
 
 
 def time_steps(trainer, total: int) -> StepRecord:
@@ -107,15 +105,12 @@ def time_steps(trainer, total: int) -> StepRecord:
             record.resets += 1
         state, metrics = step(state, batch, plan.n_remove, width)
         jax.block_until_ready(metrics["loss"])
-        record.times.append(time.perf_counter() - start)
-        record.losses.append(float(metrics["loss"]))
-        record.first_call.append(step.compiles > compiles)
-        if not record.first_call[-1]:
-            record.timed_steps.append(index)
+        seconds = time.perf_counter() - start
         real = batch["example_mask"]
-        record.examples.append(int(real.sum()))
-        record.tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
-        record.flops.append(record.tokens[-1] * flops_per_token(n_params, model_config, width))
+        tokens = int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum())
+        record.rows.append({"index": index, "seconds": seconds, "first_call": step.compiles > compiles,
+                            "loss": float(metrics["loss"]), "examples": int(real.sum()), "tokens": tokens,
+                            "flops": tokens * flops_per_token(n_params, model_config, width)})
     return record
 
 
@@ -137,14 +132,15 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
 def report(config, record: StepRecord, compiles: int, widths, steps_per_epoch: int, total: int,
            peak: float | None) -> dict:
     """The JSON figures of a timed run: steady-state throughput (first calls of each width excluded)."""
-    warm = ~np.array(record.first_call)
-    steady = np.array(record.times)[warm]
+    warm = ~record.column("first_call")
+    times = record.column("seconds")
+    steady = times[warm]
     median = statistics.median(steady)
-    timed_examples, timed_tokens, flops = (np.array(x)[warm] for x in (record.examples, record.tokens, record.flops))
+    timed_examples, timed_tokens, flops = (record.column(key)[warm] for key in ("examples", "tokens", "flops"))
     device_kind = str(jax.devices()[0].device_kind)
     model_flops_per_s = flops.sum() / steady.sum()
     peak = peak_tflops(device_kind, config.model.dtype, peak)
-    examples, tokens = record.examples, record.tokens
+    first, last = record.rows[0], record.rows[-1]
     return {
         "config": config.name,
         "device": device_kind,
@@ -154,18 +150,18 @@ def report(config, record: StepRecord, compiles: int, widths, steps_per_epoch: i
         "examples_per_s": timed_examples.sum() / steady.sum(),
         "tokens_per_s": timed_tokens.sum() / steady.sum(),
         "median_step_ms": 1000 * median,
-        "compile_s": float(np.sum(np.array(record.times)[~warm]) - (~warm).sum() * median),
+        "compile_s": float(times[~warm].sum() - (~warm).sum() * median),
         "train_step_compiles": compiles,
         "widths": list(widths.buckets),
         "expected_padding": widths.padding,
         "skipped_batches": record.skipped,
         "optimizer_resets": record.resets,
         "epoch_s": float(steady.mean()) * steps_per_epoch,
-        "timed_steps": record.timed_steps,
-        "loss_first_step": record.losses[0],
-        "loss_last_step": record.losses[-1],
-        "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
-        "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
+        "timed_steps": record.column("index")[warm].tolist(),
+        "loss_first_step": first["loss"],
+        "loss_last_step": last["loss"],
+        "mean_tokens_first_step": first["tokens"] / max(first["examples"], 1),
+        "mean_tokens_last_step": last["tokens"] / max(last["examples"], 1),
         "model_tflops_per_s": model_flops_per_s / 1e12,
         "peak_tflops": peak,
         "mfu": model_flops_per_s / (peak * 1e12) if peak else None,
