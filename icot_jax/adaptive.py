@@ -8,8 +8,10 @@ model set the pace. After pretraining, the scheduled count advances
 * **recovered**: once at least ``min_steps`` batches have trained at the current count and the running
   mean of the training token accuracy over the last ``window`` logged batches at this count has reached
   ``recovery`` times its level just before the last advance (the *baseline*); the first advance after
-  pretraining has no removal to recover from and only waits ``min_steps``;
-* **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not.
+  pretraining has no removal to recover from and only waits ``min_steps`` and a full window;
+* **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not. Such
+  a forced advance keeps the baseline, so a model that never got back to its level does not lower the
+  bar for the next token: it has to recover to the level it last really reached, or gets ``max_steps``.
 
 A recovery that is already complete at the first check (the first time both conditions can be judged)
 advances by twice the tokens of the last advance, up to ``max_tokens_per_advance``; any other advance
@@ -45,7 +47,11 @@ class AdaptiveState:
     since: int
     """The first batch at this count (the end of pretraining before the first advance)."""
     baseline: float | None = None
-    """The running mean just before the last advance (``None`` before the first)."""
+    """What recovery is judged against: the running mean just before the last advance that was not forced
+    by ``max_steps`` (``None`` before the first advance)."""
+    level: float | None = None
+    """The running mean when the count last advanced (``None`` before the first advance, or when no
+    accuracy had been logged at the count)."""
     recent: tuple[float, ...] = ()
     """Token accuracies logged at this count, newest last, at most ``window`` of them."""
     checks: int = 0
@@ -119,8 +125,10 @@ class AdaptiveRule:
         recent = state.recent if token_accuracy is None else (*state.recent, float(token_accuracy))[-self.window:]
         trained = step + 1 - state.since
         if trained >= self.max_steps:
-            level = sum(recent) / len(recent) if recent else state.baseline
-            return self._advance(state, step + 1, 1, "max_steps", level)
+            level = sum(recent) / len(recent) if recent else None
+            # A forced advance keeps the baseline: the model has not got back to its level yet.
+            baseline = level if state.baseline is None else state.baseline
+            return self._advance(state, step + 1, 1, "max_steps", level, baseline)
         if token_accuracy is None or trained < self.min_steps or len(recent) < self.window:
             return dataclasses.replace(state, recent=recent)
         level = sum(recent) / len(recent)
@@ -128,13 +136,15 @@ class AdaptiveRule:
             return dataclasses.replace(state, recent=recent, checks=state.checks + 1)
         immediate = state.baseline is not None and state.checks == 0
         tokens = min(2 * state.tokens, self.max_tokens_per_advance) if immediate else 1
-        return self._advance(state, step + 1, tokens, "recovered", level)
+        return self._advance(state, step + 1, tokens, "recovered", level, level)
 
-    def _advance(self, state: AdaptiveState, since: int, tokens: int, reason: str, level: float | None) -> AdaptiveState:
+    def _advance(self, state: AdaptiveState, since: int, tokens: int, reason: str, level: float | None,
+                 baseline: float | None) -> AdaptiveState:
         scheduled = state.scheduled + tokens
         if self.longest_cot is not None:
             scheduled = min(scheduled, max(self.longest_cot, state.scheduled))
-        return AdaptiveState(scheduled=scheduled, since=since, baseline=level, tokens=tokens, reason=reason)
+        return AdaptiveState(scheduled=scheduled, since=since, baseline=baseline, level=level, tokens=tokens,
+                             reason=reason)
 
 
 def _invalid(window: int, recovery: float, min_steps: int, max_steps: int,
@@ -153,7 +163,7 @@ def advance_record(before: AdaptiveState, after: AdaptiveState) -> dict | None:
         return None
     return {"step": after.since, "schedule_advance": after.reason, "scheduled_from": before.scheduled,
             "scheduled_to": after.scheduled, "steps_at_count": after.since - before.since,
-            "accuracy_mean": after.baseline, "baseline": before.baseline}
+            "accuracy_mean": after.level, "baseline": before.baseline}
 
 
 def rule_for(train: TrainConfig, schedule: Schedule, *, longest_cot: int | None = None) -> AdaptiveRule | None:

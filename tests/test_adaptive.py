@@ -56,7 +56,8 @@ def test_without_recovery_each_count_gets_exactly_max_steps():
     assert sizes(records)[0] == (0, 1, 11) and records[0]["schedule_advance"] == "recovered"
     assert sizes(records)[1:] == [(k, 1, 12) for k in range(1, len(records))]
     assert {r["schedule_advance"] for r in records[1:]} == {"max_steps"}
-    assert records[2]["baseline"] == pytest.approx(records[1]["accuracy_mean"])
+    # Forced advances keep the baseline of the last recovered one: the level at count 0.
+    assert {r["baseline"] for r in records[1:]} == {1.0} and records[1]["accuracy_mean"] < 0.9
 
 
 def test_immediate_recovery_doubles_the_advance_up_to_the_maximum():

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from icot_jax import parallel
+from icot_jax import adaptive, parallel
 from icot_jax.checkpoint import RunCheckpoints
 from icot_jax.config import Config, load_config
 from icot_jax.data.formats import read_examples
@@ -283,14 +283,16 @@ def global_view(loader: BatchLoader) -> BatchLoader:
 
 
 def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: BatchLoader, batch: dict,
-               epoch: int, step_in_epoch: int, batch_index: int, *, prev_cot_left: bool):
-    """Plan a batch from the *global* batch's separators; return ``(plan, this host's n_remove)``.
+               epoch: int, step_in_epoch: int, batch_index: int, *, prev_cot_left: bool, scheduled=None):
+    """Plan a batch from the *global* batch's separators; return ``(plan, this host's n_remove)``
+    (``scheduled``: the adaptive schedule's state at the batch, see :meth:`Curriculum.plan`).
 
     Every host plans the same global batch, so resets, skips and smoothing offsets agree across hosts;
     each then keeps the removal counts of its own rows (the loader's contiguous block).
     """
     whole = batch if global_loader is loader else global_loader.batch(epoch, step_in_epoch)
-    plan = curriculum.plan(batch_index, whole["seps"], whole["example_mask"], prev_cot_left=prev_cot_left)
+    plan = curriculum.plan(batch_index, whole["seps"], whole["example_mask"], prev_cot_left=prev_cot_left,
+                           scheduled=scheduled)
     first = loader.process_index * loader.rows_per_host
     return plan, plan.n_remove[first:first + loader.rows_per_host]
 
@@ -362,12 +364,14 @@ def _train(session: RunSession, progress: bool) -> dict:
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
     checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
+    rule = adaptive.rule_for(t, curriculum.schedule, longest_cot=max_cot)  # None: the fixed schedule
     meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None, "best_reset": False,
-            "skipped_batches": 0}
+            "skipped_batches": 0, "adaptive": rule.initial().to_json() if rule else None}
     guard = DivergenceGuard(checkpoints, run.url, t.lr)
     if session.resumed:
         state, meta = session.resume_state(checkpoints, state, meta)
         guard.saved(checkpoints.latest_step())  # its first loss tells whether the restored state is good
+    schedule = adaptive.AdaptiveState.from_json(meta["adaptive"]) if rule else None
     log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if writer else None
     preemption = _Preemption(run.url)
     bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or not writer,
@@ -389,7 +393,7 @@ def _train(session: RunSession, progress: bool) -> dict:
         if data.valid is None:
             return record
         record.update(teacher_forced(step_fn, state, data.valid,
-                                     lambda b: curriculum.eval_n_remove(batch_index - 1, b),
+                                     lambda b: curriculum.eval_n_remove(batch_index - 1, b, schedule_state),
                                      config.eval.batch_size, setup=setup, widths=widths))
         eval_model = nnx_merge(graphdef, state)
 
@@ -397,7 +401,7 @@ def _train(session: RunSession, progress: bool) -> dict:
             """keep_position: generated tokens continue at the positions they had before the removal."""
             if not config.train.keep_position:
                 return None
-            return keep_position_gaps(split, curriculum.eval_n_remove(batch_index - 1, len(split)))
+            return keep_position_gaps(split, curriculum.eval_n_remove(batch_index - 1, len(split), schedule_state))
 
         record.update(generation_metrics(evaluators["val"], eval_model, "val", gaps(data.valid)))
         new_best = is_new_best(meta["best_accuracy"], record["val_accuracy"], reset=meta["best_reset"])
@@ -420,7 +424,8 @@ def _train(session: RunSession, progress: bool) -> dict:
             epoch, step_in_epoch = divmod(batch_index, loader.steps_per_epoch)
             batch = loader.batch(epoch, step_in_epoch)
             plan, n_remove = plan_batch(curriculum, loader, global_loader, batch, epoch, step_in_epoch,
-                                        batch_index, prev_cot_left=meta["prev_cot_left"])
+                                        batch_index, prev_cot_left=meta["prev_cot_left"],
+                                        scheduled=rule.at(schedule, batch_index) if rule else None)
             last_plan = plan
             meta["best_reset"] = meta["best_reset"] or resets_best(curriculum, plan)
             if plan.reset_optimizer:
@@ -443,6 +448,12 @@ def _train(session: RunSession, progress: bool) -> dict:
                             **metrics, "skipped_batches": meta["skipped_batches"], "elapsed_s": time.time() - start})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}",
                                 remove="all" if plan.schedule.remove_all else scheduled)
+            if rule is not None:  # decides on the metrics read above: no extra device round trip
+                before, schedule = schedule, rule.observe(schedule, batch_index,
+                                                          metrics["token_accuracy"] if logged else None)
+                meta["adaptive"] = schedule.to_json()
+                if (record := adaptive.advance_record(before, schedule)) is not None:
+                    log_record(record)
             bar.update(1)
             every = config.eval.every_steps
             scheduled_eval = end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0
