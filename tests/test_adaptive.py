@@ -153,3 +153,17 @@ def test_config_selects_and_checks_the_rule():
         rule_for(TrainConfig(schedule="sometimes"), SCHEDULE)
     with pytest.raises(ValueError, match="window is 0"):
         AdaptiveRule(SCHEDULE, window=0)
+
+
+def test_count_spans_read_the_advances_or_the_logged_counts():
+    from icot_jax.train.logs import count_spans
+
+    rule = AdaptiveRule(SCHEDULE, window=1, recovery=0.9, min_steps=3, max_steps=5, max_tokens_per_advance=2)
+    _, records = run(rule, lambda step, state: 0.5 if state.scheduled == 3 else 1.0, 40)
+    assert count_spans(records)[:4] == [(0, 3, "recovered"), (1, 3, "recovered"), (3, 5, "max_steps"),
+                                       (4, 3, "recovered")]
+    # A fixed run has no advance records: the counts of its training records, at their logging resolution,
+    # while CoT was left.
+    logged = [{"step": s, "loss": 0.0, "scheduled_to_remove": k, "mean_cot_left": left}
+              for s, k, left in [(10, 0, 4), (20, 0, 4), (30, 1, 3), (40, 1, 3), (50, 2, 2), (60, 5, 0), (70, 6, 0)]]
+    assert count_spans(logged) == [(0, 20, None), (1, 20, None), (2, 10, None)]
