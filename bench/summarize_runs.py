@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from icot_jax.train.logs import count_spans, plot_run, read_metrics
+from icot_jax.loop.logs import count_spans, plot_run, read_metrics
 
 
 def summarize(run_dir: Path) -> dict:

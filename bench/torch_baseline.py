@@ -13,7 +13,7 @@ built-in tokenizer's vocabulary), ``torch.optim.AdamW``, eager mode, float32, an
 ``src/train.py`` semantics (REFERENCE_SEMANTICS.md):
 
 * the same batches in the same order and the same per-example removal counts: both sides take them from
-  ``icot_jax`` (``prepare_data``, ``BatchLoader``, ``Curriculum.plan``), never from the JAX model;
+  ``icot_jax`` (``build_data``, ``BatchLoader``, ``Curriculum.plan``), never from the JAX model;
 * removal on the host: the CoT span of each row is deleted, each row is cut at its own last EOS and the
   batch is re-padded with EOS to its longest row (dynamic re-padding, so steps get cheaper as CoT goes);
 * labels ``-100`` up to and including the first EOS and on padding; token-mean loss (transformers'
@@ -65,10 +65,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from icot_jax.build import build_curriculum, build_data
 from icot_jax.config import Config, load_config
 from icot_jax.data.loader import BatchLoader
 from icot_jax.removal import StepPlan, post_removal_lengths, removed_counts
-from icot_jax.train.loop import make_curriculum, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT = REPO / "bench" / "train_throughput.py"
@@ -146,9 +146,9 @@ def planned_batches(config: Config, run_dir: Path, steps: int | None = None) -> 
     The rows, their order and the removal counts are those of our training loop: the same data
     preparation, loader (whole global batches) and curriculum, planned batch after batch.
     """
-    data = prepare_data(config, run_dir)
+    data = build_data(config, run_dir)
     t = config.train
-    curriculum = make_curriculum(config, len(data.train))
+    curriculum = build_curriculum(config, len(data.train))
     loader = BatchLoader(data.train, t.batch_size, seed=t.seed, process_index=0, process_count=1)
     total = loader.steps_per_epoch * t.epochs
     batches, prev_cot_left = [], True

@@ -34,9 +34,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from icot_jax.build import build_trainer
 from icot_jax.config import load_config
 from icot_jax.removal import post_removal_lengths
-from icot_jax.train.loop import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {  # dense bf16 peak per JAX device, vendor data sheets (fp32 matmuls on GPUs use TF32 at half)

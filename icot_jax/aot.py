@@ -22,7 +22,6 @@ when it does not.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,9 +30,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from icot_jax.cli import user_errors_exit
 from icot_jax.config import Config
-from icot_jax.models.hf_configs import BUILTIN_HF_CONFIGS, model_hf_config  # noqa: F401 (public here too)
 
 if TYPE_CHECKING:
     import jax
@@ -235,8 +232,7 @@ def run_shapes(config: Config) -> RunShapes:
     import tempfile
     from pathlib import Path
 
-    from icot_jax.data.loader import BatchLoader
-    from icot_jax.train import loop
+    from icot_jax import build
 
     t, d = config.train, config.data
     tokenizer = _local_tokenizer(config)
@@ -245,11 +241,10 @@ def run_shapes(config: Config) -> RunShapes:
         stored = d.max_length
         return RunShapes(stored, (min(t.max_len_train or stored, stored),), tokenizer, "config")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))  # prepare_data reads it from there
-        data = loop.prepare_data(config, Path(tmp))
-    curriculum = loop.make_curriculum(config, len(data.train))
-    loader = BatchLoader(data.train, t.batch_size, seed=t.seed, process_index=0, process_count=1)
-    widths = loop.make_widths(config, curriculum, loader)
+        tokenizer.save_pretrained(str(Path(tmp) / "tokenizer"))  # build_data reads it from there
+        data = build.build_data(config, Path(tmp))
+    curriculum = build.build_curriculum(config, len(data.train))
+    widths = build.build_widths(config, curriculum, build.build_loader(config, data.train))
     return RunShapes(int(data.train.buckets[-1]), widths.buckets, data.tokenizer, "data")
 
 
@@ -281,25 +276,17 @@ def compile_train_step(config: Config, slice_name: str, *, config_name: str = ""
     """Compile ``config``'s train step for the TPU slice ``slice_name`` and measure it (see module docs)."""
     import jax
 
-    from icot_jax import parallel
-    from icot_jax.models import hf
-    from icot_jax.train.step import StepConfig, TrainStep, optimizer_for
+    from icot_jax import build, sharding
+    from icot_jax.train.step import optimizer_for
 
     tpu = tpu_slice(slice_name)
-    setup = parallel.setup(config.mesh, tpu.devices())
-    t, m = config.train, config.model
-    setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
+    setup = sharding.setup(config.mesh, tpu.devices())
+    t = config.train
+    build.check_batch_sizes(config, setup, evaluation=False)  # the step only: evaluation is not compiled here
     shapes = run_shapes(config)
-    hf_config = model_hf_config(config, shapes.tokenizer)
-    optimizer = optimizer_for(t)
-    graphdef, state = setup.abstract_state(
-        lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype), optimizer, seed=t.seed)
+    graphdef, state, hf_config = build.build_state(config, shapes.tokenizer, setup, optimizer_for(t), abstract=True)
     pad_id = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else 0
-    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=pad_id, side=t.removal_side,
-                                                     keep_position=t.keep_position,
-                                                     random_position_shift=t.random_position_shift,
-                                                     accumulate_steps=t.accumulate_steps),
-                     state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
+    step = build.build_step(config, graphdef, state, setup, pad_id=pad_id)
     width = shapes.widths[-1]
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     report = AotReport(
@@ -336,31 +323,3 @@ def _measure(report: AotReport, compiled) -> None:
     # outside the loop, is then overcounted, by ~10 FLOPs per parameter against 6 per parameter per token).
     flops = float(cost["flops"]) * report.accumulate_steps if cost and "flops" in cost else None
     report.flops_per_device = flops
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-@user_errors_exit
-def run_aot(args: argparse.Namespace) -> int:
-    """``icot aot CONFIG [key=value ...] --topology SLICE``."""
-    from icot_jax.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    report = compile_train_step(config, args.topology, config_name=args.config)
-    print(report.table())
-    print(report.to_json())
-    return 0 if report.fits else 1
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``icot aot``."""
-    p = subparsers.add_parser(
-        "aot", help="compile the train step for a TPU slice here and report per-chip memory",
-        description="Compile CONFIG's train step (model, batch, accumulation, dtypes, mesh) for a TPU slice "
-                    "with libtpu on this host and report per-chip memory, FLOPs and whether it fits. "
-                    "Needs jax[tpu]; no TPU and no weights. Exit status 0: fits; 1: does not fit.")
-    p.add_argument("config", help="YAML config file, e.g. configs/paper/gsm8k_mistral_7b_icot.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=2")
-    p.add_argument("--topology", required=True, help="TPU slice: v4-16, v5p-8, v5e-16, v6e-8, ...")
-    p.set_defaults(run=run_aot)

@@ -1,146 +1,36 @@
-"""The `icot` command line: one function per subcommand registers its parser in `SUBCOMMANDS`.
-
-Handlers import their modules lazily so that `icot --help` and light commands stay fast.
-"""
+"""The ``icot`` command line: argument parsing and ``main`` only (the commands are in
+:mod:`icot_jax.commands`, one module per subcommand)."""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+
+from icot_jax.commands import aot, data, demo, eval, export_hf, generate, tradeoff, train
+from icot_jax.errors import UserError
+
+COMMANDS = (data, train, demo, export_hf, eval, generate, tradeoff, aot)
+"""The subcommand modules, in the order ``icot --help`` lists them."""
 
 
-def user_errors_exit(handler: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int | None]:
-    """Bad input (a malformed line, an impossible request) ends the command with its message only."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int | None:
-        try:
-            return handler(args)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"icot {args.command}: error: {e}") from e
-
-    return run
-
-
-def _digit_list(text: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K or comma-separated K values like 4,5, got {text!r}") from None
-
-
-def _split_file(text: str) -> tuple[str, str]:
-    split, sep, path = text.partition("=")
-    if not sep or not split or not path:
-        raise argparse.ArgumentTypeError(f"expected SPLIT=PATH, got {text!r}")
-    return split, path
-
-
-@user_errors_exit
-def _run_multiplication(args: argparse.Namespace) -> None:
-    from icot_jax.data import multiplication
-
-    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
-    summary = multiplication.write_dataset(args.out, args.digits, sizes, seed=args.seed, exclude_files=args.exclude)
-    for split in summary.values():
-        print(f"wrote {split.path}: {split.n_lines} lines")
-    lengths = {k: n for split in summary.values() for k, n in split.cot_lengths.items()}
-    print("CoT length in whitespace tokens: " + ", ".join(f"{k}x{k}: {n}" for k, n in sorted(lengths.items())))
-
-
-@user_errors_exit
-def _run_gsm8k(args: argparse.Namespace) -> None:
-    from icot_jax.data import formats
-
-    parsed = formats.convert_gsm8k_jsonl(args.jsonl, style=args.style, on_error=args.on_error)
-    count = formats.write_examples(args.out, parsed.examples)
-    print(f"wrote {args.out}: {count} lines ({parsed.n_skipped} malformed records skipped)")
-
-
-@user_errors_exit
-def _run_tokenizer(args: argparse.Namespace) -> None:
-    from icot_jax.data import tokenize
-
-    print(f"saved the built-in tokenizer to {tokenize.save_builtin_tokenizer(args.out)}")
-
-
-@user_errors_exit
-def _run_tfds(args: argparse.Namespace) -> None:
-    from icot_jax.data import tfds_builders
-
-    config = tfds_builders.TextFilesConfig(name=args.name, split_files=dict(args.split), on_error=args.on_error)
-    builder = tfds_builders.build(tfds_builders.IcotText, config, args.data_dir)
-    print(f"prepared icot_text/{args.name} in {builder.data_dir}: {dict(builder.info.splits)}")
-
-
-def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`icot data multiplication|gsm8k|tokenizer|tfds`."""
-    data = subparsers.add_parser("data", help="generate, convert and package datasets")
-    commands = data.add_subparsers(dest="data_command", required=True)
-
-    mult = commands.add_parser("multiplication", help="generate K-by-K multiplication in the reference format")
-    mult.add_argument("--digits", type=_digit_list, required=True, help="K, or a mixture such as 4,5")
-    mult.add_argument("--train", type=int, default=808_000, help="train examples (default: 808000)")
-    mult.add_argument("--valid", type=int, default=1_000, help="valid examples (default: 1000)")
-    mult.add_argument("--test", type=int, default=1_000, help="test examples (default: 1000)")
-    mult.add_argument("--seed", type=int, default=0)
-    mult.add_argument("--out", type=Path, required=True, help="folder for train.txt, valid.txt, test.txt")
-    mult.add_argument(
-        "--exclude", type=Path, nargs="+", default=[], help="multiplication files whose pairs must not be drawn"
-    )
-    mult.set_defaults(run=_run_multiplication)
-
-    gsm8k = commands.add_parser("gsm8k", help="convert original GSM8K jsonl to SRC||COT #### ANS lines")
-    gsm8k.add_argument("jsonl", type=Path, help='GSM8K file with {"question", "answer"} records')
-    gsm8k.add_argument("--out", type=Path, required=True)
-    gsm8k.add_argument(
-        "--style", choices=("formula", "text"), default="formula", help="calculator formulas (GSM8K-Aug) or prose"
-    )
-    gsm8k.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    gsm8k.set_defaults(run=_run_gsm8k)
-
-    tokenizer = commands.add_parser("tokenizer", help="save the built-in digit tokenizer in HF format")
-    tokenizer.add_argument("--out", type=Path, required=True)
-    tokenizer.set_defaults(run=_run_tokenizer)
-
-    tfds = commands.add_parser("tfds", help="package SRC||COT #### ANS files as an array_record tfds dataset")
-    tfds.add_argument("--name", required=True, help="config name, read back as icot_text/NAME")
-    tfds.add_argument(
-        "--split", type=_split_file, action="append", required=True, help="SPLIT=PATH, once per split"
-    )
-    tfds.add_argument("--data-dir", type=Path, required=True)
-    tfds.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    tfds.set_defaults(run=_run_tfds)
-
-
-def _commands_of(module: str) -> Callable[[argparse._SubParsersAction], None]:
-    """The ``add_commands(subparsers)`` of ``module``, imported only when the parser is built."""
-
-    def add(subparsers: argparse._SubParsersAction) -> None:
-        importlib.import_module(module).add_commands(subparsers)
-
-    return add
-
-
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_data_parser,
-    _commands_of("icot_jax.train.commands"),  # train, demo, export-hf
-    _commands_of("icot_jax.evaluate"),  # eval, generate, tradeoff
-    _commands_of("icot_jax.aot"),  # aot
-]
+def build_parser() -> argparse.ArgumentParser:
+    """The ``icot`` argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="icot", description="Stepwise Internalization of CoT in JAX")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `icot` script."""
-    parser = argparse.ArgumentParser(prog="icot", description="Stepwise Internalization of CoT in JAX")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_parser in SUBCOMMANDS:
-        add_parser(subparsers)
-    args = parser.parse_args(argv)
-    return args.run(args) or 0  # handlers may return an exit status
+    """Entry point of the ``icot`` script. A :class:`~icot_jax.errors.UserError` (or a file the user
+    named that cannot be read) ends the command with one line naming what to fix (``SystemExit``, status
+    1); anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0  # handlers may return an exit status
+    except (UserError, ValueError, OSError) as error:
+        raise SystemExit(f"icot {args.command}: error: {error}") from error
 
 
 if __name__ == "__main__":

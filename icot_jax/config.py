@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+"""The built-in default job (``icot demo``, ``make demo``): a CPU demo of internalization."""
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""

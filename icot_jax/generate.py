@@ -446,15 +446,3 @@ def left_pad_prompts(data: EncodedDataset) -> tuple[np.ndarray, np.ndarray]:
     source = np.clip(columns - (width - prompt_lengths[:, None]), 0, None)
     ids = np.where(mask, np.take_along_axis(data.input_ids, source, axis=1), data.pad_id).astype(np.int32)
     return ids, mask
-
-
-def evaluate_generation(model: nnx.Module, tokenizer: PreTrainedTokenizerBase,
-                        data: EncodedDataset | Sequence[Example], *, batch_size: int | None = None,
-                        max_new_tokens: int = 800, join: JoinMode = "reference", progress: bool = True
-                        ) -> GenerationResult:
-    """Greedy generation accuracy and throughput of ``model`` on ``data`` (one-shot; the training loop
-    keeps a :class:`GenerationEvaluator` instead so that every epoch reuses one compilation)."""
-    settings = DecodeSettings(max_new_tokens=max_new_tokens)
-    evaluator = GenerationEvaluator(tokenizer, data, batch_size=batch_size, settings=settings, join=join,
-                                    progress=progress)
-    return evaluator(model)

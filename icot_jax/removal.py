@@ -323,7 +323,7 @@ class Removed(NamedTuple):
     """``int32[B]``: tokens actually removed (``n_remove`` clipped to ``[0, CoT length]``)."""
 
 
-def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.Array, *, side: str = "left",
+def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.typing.ArrayLike, *, side: str = "left",
                keep_position: bool = False, pad_id: int, width: int | None = None) -> Removed:
     """Delete ``n_remove[i]`` CoT tokens from row ``i`` and shift the rest left, inside jit.
 
@@ -338,16 +338,18 @@ def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.Array, *, si
     (:func:`post_removal_lengths`; a longer row would lose its tail, which no check inside jit can see).
 
     With ``keep_position=True`` kept tokens keep their original position ids. (The reference also shifts
-    the token just before the span -- an off-by-one we do not reproduce.)
+    the token just before the span -- an off-by-one we do not reproduce.) ``n_remove`` is any integer
+    array-like of length ``B`` (a list works); it is cast to ``int32``.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    input_ids, seps, n_remove = jnp.asarray(input_ids), jnp.asarray(seps), jnp.asarray(n_remove)
     length = input_ids.shape[1]
     width = length if width is None else width
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     seps = seps.astype(jnp.int32)
-    q_end, cot_end, last = seps[:, 0], seps[:, 1], seps[:, 2]
+    q_end, cot_end = seps[:, 0], seps[:, 1]
     cot_len = jnp.maximum(cot_end - q_end - 1, 0)
     removed = jnp.clip(n_remove.astype(jnp.int32), 0, cot_len)  # before any arithmetic: REMOVE_ALL is safe
     start = q_end + 1 if side == "left" else cot_end - removed

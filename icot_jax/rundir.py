@@ -20,7 +20,7 @@ from etils import epath
 
 MIRRORED_SKIP = ("checkpoints", "best", "lock")
 """Top-level entries never mirrored: the folders that orbax writes to the run directory itself, and the
-lock of ``icot_jax.train.lock`` (it belongs to one machine's file system)."""
+lock of ``icot_jax.loop.lock`` (it belongs to one machine's file system)."""
 
 
 def is_remote(path: str | Path) -> bool:

@@ -156,7 +156,7 @@ def test_config_selects_and_checks_the_rule():
 
 
 def test_count_spans_read_the_advances_or_the_logged_counts():
-    from icot_jax.train.logs import count_spans
+    from icot_jax.loop.logs import count_spans
 
     rule = AdaptiveRule(SCHEDULE, window=1, recovery=0.9, min_steps=3, max_steps=5, max_tokens_per_advance=2)
     _, records = run(rule, lambda step, state: 0.5 if state.scheduled == 3 else 1.0, 40)

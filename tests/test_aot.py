@@ -9,7 +9,8 @@ import json
 import pytest
 import yaml
 
-from icot_jax import aot
+import icot_jax.commands.aot  # noqa: F401 (registers commands.aot)
+from icot_jax import aot, build, commands
 from icot_jax.config import load_config
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -45,11 +46,11 @@ def test_bad_slice_names(name, message):
 
 def test_paper_models_resolve_offline():
     config = load_config("configs/paper/gsm8k_mistral_7b_icot.yaml")
-    hf_config = aot.model_hf_config(config)
+    hf_config = build.model_hf_config(config)
     assert (hf_config.model_type, hf_config.hidden_size, hf_config.num_key_value_heads) == ("mistral", 4096, 8)
     shapes = aot.run_shapes(config)  # no GSM8K files nor Mistral tokenizer here: the config's lengths
     assert (shapes.stored_width, shapes.widths, shapes.source) == (1024, (150,), "config")
-    phi3 = aot.model_hf_config(load_config("configs/paper/gsm8k_phi3_mini_icot.yaml", ["model.overrides.num_hidden_layers=2"]))
+    phi3 = build.model_hf_config(load_config("configs/paper/gsm8k_phi3_mini_icot.yaml", ["model.overrides.num_hidden_layers=2"]))
     assert (phi3.model_type, phi3.vocab_size, phi3.num_hidden_layers) == ("phi3", 32064, 2)
 
 
@@ -59,7 +60,7 @@ def _run(tmp_path, capsys, model: dict, topology: str, *overrides: str) -> tuple
                                     "data": {"train": "unused.txt", "max_length": 32},
                                     "train": {"batch_size": 8, "accumulate_steps": 2}}))
     parser = argparse.ArgumentParser()
-    aot.add_commands(parser.add_subparsers(dest="command"))
+    commands.aot.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["aot", str(path), "mesh.remat=dots", *overrides, "--topology", topology])
     status = args.run(args)
     return status, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -100,7 +101,7 @@ def test_compiles_the_step_a_from_scratch_run_executes(tmp_path, capsys):
     from icot_jax.data.tokenize import build_builtin_tokenizer
 
     parser = argparse.ArgumentParser()
-    aot.add_commands(parser.add_subparsers(dest="command"))
+    commands.aot.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["aot", "configs/cpu/mult_2x2_tiny_icot.yaml", "data.generate_train=500",
                               "--topology", "v5e-1"])
     assert args.run(args) == 0

@@ -3,7 +3,6 @@ multiplication notation they convert."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -11,18 +10,10 @@ import math
 import pytest
 import transformers
 
+from icot_jax.cli import main
 from icot_jax.data.formats import Example, write_examples
-from icot_jax.evaluate import (
-    Answer,
-    Checkpoint,
-    add_commands,
-    evaluate_checkpoint,
-    format_answer,
-    generate_answer,
-    multiplication_operands,
-    reversed_digits_value,
-    to_model_notation,
-)
+from icot_jax.evaluation import (Answer, Checkpoint, evaluate_checkpoint, format_answer, generate_answer,
+                                 multiplication_operands, reversed_digits_value, to_model_notation)
 from icot_jax.models.hf import export_pretrained, from_config
 
 EXAMPLES = [Example("3 1 * 2 4", "6 2 1 + 0 4 ( 6 6 5 )", "#### 6 6 5 0"),
@@ -33,10 +24,7 @@ EXAMPLES = [Example("3 1 * 2 4", "6 2 1 + 0 4 ( 6 6 5 )", "#### 6 6 5 0"),
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="icot")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return main(argv)
 
 
 @pytest.mark.parametrize(("question", "model_input"), [
@@ -127,9 +115,8 @@ def test_generate_refuses_an_empty_question(hf_folder, question):
 
 def test_generate_budget_defaults_to_the_run_and_is_capped_by_the_position_table(hf_folder, builtin_tokenizer,
                                                                                  capsys):
-    from icot_jax.config import load_config
-    from icot_jax.evaluate import generation_budget
-    from icot_jax.train.commands import DEMO_CONFIG
+    from icot_jax.config import DEMO_CONFIG, load_config
+    from icot_jax.evaluation import generation_budget
 
     folder, model = hf_folder  # 64 positions
     run = Checkpoint(folder, model, builtin_tokenizer, "reference", run_config=load_config(DEMO_CONFIG))
@@ -188,7 +175,7 @@ def test_export_info_restores_join_and_keep_position(hf_folder, tmp_path):
     import shutil
     from types import SimpleNamespace
 
-    from icot_jax.evaluate import load_checkpoint, read_export_info, write_export_info
+    from icot_jax.evaluation import load_checkpoint, read_export_info, write_export_info
 
     folder = tmp_path / "exported"
     shutil.copytree(hf_folder[0], folder)
@@ -219,10 +206,9 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):
 def test_eval_command_on_a_training_run(tmp_path, capsys):
     """A few steps of the demo config, then `icot eval --n-remove K` on the run directory: its teacher-forced
     loss is the loop's own validation loss at the same removal count."""
-    from icot_jax.config import load_config
-    from icot_jax.train.commands import DEMO_CONFIG
-    from icot_jax.train.logs import read_metrics
-    from icot_jax.train.loop import train
+    from icot_jax.config import DEMO_CONFIG, load_config
+    from icot_jax.loop.logs import read_metrics
+    from icot_jax.loop.training import train
 
     overrides = ["train.epochs=1", "train.pretrain_epochs=0", "data.generate_train=320", "data.generate_valid=40",
                  "train.remove_per_epoch=4", "eval.every_epochs=1", f"run_dir={tmp_path / 'run'}"]

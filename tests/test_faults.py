@@ -16,14 +16,13 @@ import pytest
 from test_loop import TINY, _cli, _wait_for_checkpoint
 
 from icot_jax.cli import main
-from icot_jax.config import load_config, save_config
+from icot_jax.config import DEMO_CONFIG, load_config, save_config
+from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
+from icot_jax.loop.lock import RunDirLocked, RunLock
+from icot_jax.loop.logs import read_metrics
+from icot_jax.loop.resume import read_config_history
+from icot_jax.loop.training import _Preemption, is_new_best, resets_best, train
 from icot_jax.removal import Curriculum, Schedule
-from icot_jax.train.commands import DEMO_CONFIG
-from icot_jax.train.divergence import DivergenceGuard, TrainingDiverged
-from icot_jax.train.lock import RunDirLocked, RunLock
-from icot_jax.train.logs import read_metrics
-from icot_jax.train.loop import _Preemption, is_new_best, resets_best, train
-from icot_jax.train.resume import read_config_history
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icot_jax.config import ConfigError, load_config
-from icot_jax.train.commands import DEMO_CONFIG
-from icot_jax.train.loop import is_new_best, train
+from icot_jax.config import DEMO_CONFIG, ConfigError, load_config
+from icot_jax.loop.training import is_new_best, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,9 +73,10 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
 
 
 def _final_params(run_dir: Path) -> list[np.ndarray]:
-    from icot_jax.train.loop import load_run_model
-    from flax import nnx
     import jax
+    from flax import nnx
+
+    from icot_jax.runs import load_run_model
 
     model, _, _ = load_run_model(run_dir, which="latest")
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
@@ -258,23 +258,24 @@ def test_every_shipped_config_validates(path):
 
 
 def test_hosts_plan_the_global_batch_and_keep_their_rows(tmp_path):
+    from icot_jax.build import build_curriculum
     from icot_jax.data.formats import read_examples
     from icot_jax.data.loader import BatchLoader
     from icot_jax.data.multiplication import write_dataset
     from icot_jax.data.tokenize import build_builtin_tokenizer, encode_examples
-    from icot_jax.train.loop import global_view, make_curriculum, plan_batch
+    from icot_jax.loop.training import plan_batch
 
     write_dataset(tmp_path, [2, 3], {"train": 40}, seed=0)
     data = encode_examples(read_examples(tmp_path / "train.txt").examples, build_builtin_tokenizer())
     config = load_config(DEMO_CONFIG, ["train.batch_size=8", "train.remove_per_epoch=16"])
-    curriculum = make_curriculum(config, len(data))
+    curriculum = build_curriculum(config, len(data))
     single = BatchLoader(data, 8, seed=3, process_index=0, process_count=1)
     hosts = [BatchLoader(data, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
     for batch_index in range(2 * single.steps_per_epoch):
         epoch, step = divmod(batch_index, single.steps_per_epoch)
         whole, _ = plan_batch(curriculum, single, single, single.batch(epoch, step), epoch, step, batch_index,
                               prev_cot_left=True)
-        parts = [plan_batch(curriculum, h, global_view(h), h.batch(epoch, step), epoch, step, batch_index,
+        parts = [plan_batch(curriculum, h, h.global_view(), h.batch(epoch, step), epoch, step, batch_index,
                             prev_cot_left=True) for h in hosts]
         for plan, _ in parts:  # the same decisions on every host
             assert (plan.schedule, plan.cot_left, plan.reset_optimizer, plan.batch_length) == (
@@ -286,7 +287,7 @@ def test_export_hf_records_how_the_run_was_trained(uninterrupted, tmp_path):
     """`icot export-hf` writes icot_jax.json, so the exported folder evaluates like its run directory (here
     `join: segments`, where an HF folder without the file defaults to `reference`)."""
     from icot_jax.cli import main
-    from icot_jax.evaluate import load_checkpoint
+    from icot_jax.evaluation import load_checkpoint
 
     out = tmp_path / "exported"
     assert main(["export-hf", str(uninterrupted), str(out)]) == 0

@@ -12,21 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_parallel import make_step, synthetic_batch
+from test_scan_layers import logits_and_grads, make_model
 
-from icot_jax import parallel
+from icot_jax import build, sharding
 from icot_jax.config import MeshConfig, load_config
 from icot_jax.models.common import Dense, materialize_cotangent
 from icot_jax.train.step import init_train_state, make_optimizer
-from test_parallel import make_step, synthetic_batch
-from test_scan_layers import logits_and_grads, make_model
 
 PROJECTIONS = {"gpt2": 4, "mistral": 7}  # Dense layers per block (the tiny models have 2 blocks, tied heads)
 
 
 def configured(family: str, enabled: bool):
-    """``(graphdef, params, rest)`` of the tiny ``family`` model as ``parallel.setup`` prepares it."""
-    setup = parallel.Setup(parallel.make_mesh(MeshConfig()), materialize_cotangents=enabled)
-    return nnx.split(setup.configure_model(make_model(family)), nnx.Param, ...)
+    """``(graphdef, params, rest)`` of the tiny ``family`` model as ``sharding.setup`` prepares it."""
+    model = build.configure_model(make_model(family), MeshConfig(materialize_cotangents=enabled))
+    return nnx.split(model, nnx.Param, ...)
 
 
 def dense_flags(graphdef, params, rest) -> set[bool]:
@@ -98,6 +98,6 @@ def test_the_config_option_reaches_every_projection():
     assert load_config(None, minimal).mesh.materialize_cotangents  # on by default (it changes only CPU programs)
     for enabled in (False, True):
         mesh = load_config(None, [*minimal, f"mesh.materialize_cotangents={str(enabled).lower()}"]).mesh
-        graphdef, state = parallel.setup(mesh).abstract_state(lambda: make_model("mistral"), make_optimizer(1e-3),
-                                                              seed=0)
+        graphdef, state = build.abstract_state(sharding.setup(mesh), lambda: build.configure_model(make_model("mistral"), mesh),
+                                               make_optimizer(1e-3), seed=0)
         assert dense_flags(graphdef, state.params, state.rest) == {enabled}

@@ -22,19 +22,19 @@ STEPS, CHECKPOINT_AT = 3, 2
 
 
 def worker(process_id: str, port: str, out_dir: str) -> None:
-    from icot_jax import parallel
+    from icot_jax import build, sharding
 
-    assert parallel.initialize_distributed(f"localhost:{port}", 2, int(process_id))
+    assert sharding.initialize_distributed(f"localhost:{port}", 2, int(process_id))
     import jax
+    from test_parallel import ROWS, make_model, make_step, synthetic_batch
 
     from icot_jax.checkpoint import RunCheckpoints
     from icot_jax.config import MeshConfig
     from icot_jax.train.step import make_optimizer
-    from test_parallel import ROWS, make_model, make_step, synthetic_batch
 
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
-    setup = parallel.setup(MeshConfig(data=1, fsdp=2, tensor=1, dcn_data=2))
-    graphdef, state = setup.init_state(make_model, make_optimizer(1e-2), seed=0)
+    setup = sharding.setup(MeshConfig(data=1, fsdp=2, tensor=1, dcn_data=2))
+    graphdef, state = build.init_state(setup, make_model, make_optimizer(1e-2), seed=0)
     step = make_step(graphdef, setup, state)
     rows = setup.host_rows(ROWS)
     per_host = ROWS // rows["process_count"]

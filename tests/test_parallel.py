@@ -16,9 +16,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
-from icot_jax import parallel
+from icot_jax import build, sharding
 from icot_jax.config import MeshConfig
 
 PAD_ID = 2  # the tiny configs' EOS id
@@ -55,7 +56,7 @@ def synthetic_batch(step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {"input_ids": input_ids, "seps": seps, "example_mask": example_mask}, n_remove
 
 
-def make_step(graphdef, setup: parallel.Setup | None, state=None):
+def make_step(graphdef, setup: sharding.Setup | None, state=None):
     from icot_jax.train.step import StepConfig, TrainStep, make_optimizer
 
     sharded = {} if setup is None else dict(state_sharding=setup.shardings(state),
@@ -82,9 +83,9 @@ def single_device_losses(steps: int) -> list[float]:
 
 
 def test_mesh_shape_fills_the_free_axis():
-    assert parallel.mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 16) == (2, 4, 2)
-    assert parallel.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1, dcn_data=2), 16) == (4, 2, 1)
-    assert parallel.mesh_shape(MeshConfig(data=1, fsdp=8, tensor=1), 8) == (1, 8, 1)
+    assert sharding.mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 16) == (2, 4, 2)
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1, dcn_data=2), 16) == (4, 2, 1)
+    assert sharding.mesh_shape(MeshConfig(data=1, fsdp=8, tensor=1), 8) == (1, 8, 1)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -96,38 +97,39 @@ def test_mesh_shape_fills_the_free_axis():
 ])
 def test_mesh_shape_errors_name_the_key(config, message):
     with pytest.raises(ValueError, match=message):
-        parallel.mesh_shape(config, 8)
+        sharding.mesh_shape(config, 8)
 
 
 def test_mesh_spec_drops_axes_that_do_not_divide():
-    mesh = AbstractMesh((2, 2, 4), parallel.MESH_AXES)
-    assert parallel.mesh_spec(("vocab", "embed"), (32000, 4096), mesh) == P("tensor", "fsdp")
+    mesh = AbstractMesh((2, 2, 4), sharding.MESH_AXES)
+    assert sharding.mesh_spec(("vocab", "embed"), (32000, 4096), mesh) == P("tensor", "fsdp")
     # GPT-2's 50257-token vocabulary is not divisible by tensor=4: replicated along it.
-    assert parallel.mesh_spec(("vocab", "embed"), (50257, 768), mesh) == P(None, "fsdp")
-    assert parallel.mesh_spec(("embed", "kv_heads", "head_dim"), (4096, 2, 128), mesh) == P("fsdp", None, None)
-    assert parallel.mesh_spec(("norm",), (4096,), mesh) == P(None)
-    assert parallel.mesh_spec(("batch", None), (8, 3), mesh, {"batch": ("data", "fsdp")}) == P(("data", "fsdp"), None)
-    assert parallel.mesh_spec(("batch",), (6,), mesh, {"batch": ("data", "fsdp")}) == P("data")
+    assert sharding.mesh_spec(("vocab", "embed"), (50257, 768), mesh) == P(None, "fsdp")
+    assert sharding.mesh_spec(("embed", "kv_heads", "head_dim"), (4096, 2, 128), mesh) == P("fsdp", None, None)
+    assert sharding.mesh_spec(("norm",), (4096,), mesh) == P(None)
+    assert sharding.mesh_spec(("batch", None), (8, 3), mesh, {"batch": ("data", "fsdp")}) == P(("data", "fsdp"), None)
+    assert sharding.mesh_spec(("batch",), (6,), mesh, {"batch": ("data", "fsdp")}) == P("data")
 
 
 def test_mesh_spec_never_reuses_a_mesh_axis():
-    mesh = AbstractMesh((1, 2, 4), parallel.MESH_AXES)
-    assert parallel.mesh_spec(("heads", "mlp"), (8, 8), mesh) == P("tensor", None)
+    mesh = AbstractMesh((1, 2, 4), sharding.MESH_AXES)
+    assert sharding.mesh_spec(("heads", "mlp"), (8, 8), mesh) == P("tensor", None)
 
 
 def test_every_model_axis_has_a_rule():
     from icot_jax.models.common import LOGICAL_AXES
 
-    assert set(LOGICAL_AXES) <= set(parallel.LOGICAL_RULES)
+    assert set(LOGICAL_AXES) <= set(sharding.LOGICAL_RULES)
 
 
 def test_unknown_logical_axis_is_an_error():
     with pytest.raises(KeyError, match="'experts' has no sharding rule"):
-        parallel.mesh_spec(("experts", "embed"), (8, 64), AbstractMesh((1, 1, 1), parallel.MESH_AXES))
+        sharding.mesh_spec(("experts", "embed"), (8, 64), AbstractMesh((1, 1, 1), sharding.MESH_AXES))
 
 
-def test_scan_layers_reaches_the_setup():
-    assert parallel.setup(MeshConfig(scan_layers=True)).scan_layers  # tests/test_scan_layers.py checks the math
+def test_scan_layers_reaches_the_model():
+    model = build.configure_model(make_model(), MeshConfig(scan_layers=True))
+    assert model.scan_layers  # tests/test_scan_layers.py checks the math
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
@@ -137,7 +139,7 @@ def test_remat_changes_memory_not_math(policy):
     from icot_jax.train.step import split_model
 
     graphdef, params, rest = split_model(make_model())
-    remat_graphdef, remat_params, _ = split_model(parallel.apply_remat(make_model(), policy))
+    remat_graphdef, remat_params, _ = split_model(sharding.apply_remat(make_model(), policy))
     assert jax.tree.structure(remat_params) == jax.tree.structure(params)  # same paths: checkpoints load
     batch, _ = synthetic_batch(0)
     positions = np.broadcast_to(np.arange(LENGTH), (ROWS, LENGTH))
@@ -161,7 +163,7 @@ def test_remat_changes_memory_not_math(policy):
 
 def test_unknown_remat_policy_names_the_key():
     with pytest.raises(ValueError, match="mesh.remat='some'"):
-        parallel.apply_remat(make_model(), "some")
+        sharding.apply_remat(make_model(), "some")
 
 
 def test_initialize_distributed_needs_all_three_settings(monkeypatch):
@@ -169,13 +171,13 @@ def test_initialize_distributed_needs_all_three_settings(monkeypatch):
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match=r"missing \['num_processes', 'process_id'\]"):
-        parallel.initialize_distributed()
+        sharding.initialize_distributed()
 
 
 def test_single_process_without_settings_stays_local(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert parallel.initialize_distributed() is False
+    assert sharding.initialize_distributed() is False
     assert jax.process_count() == 1
 
 
@@ -210,10 +212,12 @@ def _dotted(path) -> str:
 
 def sharded_run(data: int, fsdp: int, tensor: int, scan_layers: bool = False) -> dict:
     """Train on a (data, fsdp, tensor) mesh of the 8 devices; return losses and the parameters' specs."""
-    setup = parallel.setup(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, scan_layers=scan_layers))
+    mesh = MeshConfig(data=data, fsdp=fsdp, tensor=tensor, scan_layers=scan_layers)
+    setup = sharding.setup(mesh)
     from icot_jax.train.step import make_optimizer
 
-    graphdef, state = setup.init_state(make_model, make_optimizer(1e-2), seed=0)
+    graphdef, state = build.init_state(setup, lambda: build.configure_model(make_model(), mesh), make_optimizer(1e-2),
+                                       seed=0)
     step = make_step(graphdef, setup, state)
     losses = []
     for i in range(STEPS):
@@ -239,10 +243,10 @@ def sharded_pretrained_load() -> dict:
     from icot_jax.models import hf, testing
     from icot_jax.train.step import make_optimizer
 
-    setup = parallel.setup(MeshConfig(data=1, fsdp=2, tensor=4))
+    setup = sharding.setup(MeshConfig(data=1, fsdp=2, tensor=4))
     with tempfile.TemporaryDirectory() as folder:
         testing.save_random_hf_model(testing.tiny_hf_config("mistral"), folder)
-        model, _ = setup.load_pretrained(folder)
+        model, _ = build.load_pretrained(folder, setup)
         plain, _ = hf.load_pretrained(folder)
     params = jax.tree_util.tree_flatten_with_path(nnx_params(model))[0]
     declared = jax.tree.leaves(setup.shardings(nnx_params(model)))
@@ -250,7 +254,7 @@ def sharded_pretrained_load() -> dict:
     result = {"specs": {_dotted(path): str(leaf.sharding.spec) for path, leaf in params},
               "as_declared": all(leaf.sharding == want for (_, leaf), want in zip(params, declared)),
               "values_equal": all(np.array_equal(leaf, expected[path]) for path, leaf in params)}
-    _, state = setup.state_from_model(model, make_optimizer(1e-2), seed=0)
+    _, state = build.state_from_model(setup, model, make_optimizer(1e-2), seed=0)
     result["state_as_declared"] = all(leaf.sharding == want for leaf, want in
                                       zip(jax.tree.leaves(state), jax.tree.leaves(setup.shardings(state))))
     return result

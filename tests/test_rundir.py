@@ -1,6 +1,5 @@
 """Run directories mirrored to a remote location (exercised on disk through the same epath calls)."""
 
-from pathlib import Path
 
 import pytest
 

@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_parallel import LENGTH, PAD_ID, ROWS, make_step, synthetic_batch
 
-from icot_jax import parallel
+from icot_jax import build, sharding
 from icot_jax.config import MeshConfig
 from icot_jax.models import hf, logical_axes, testing
 from icot_jax.train.step import init_train_state, make_optimizer, split_model
-from test_parallel import LENGTH, PAD_ID, ROWS, make_step, synthetic_batch
 
 DROPOUT = {"gpt2": {}, "mistral": {"attention_dropout": 0.1}}  # tiny GPT-2 already has dropout 0.1
 
@@ -28,9 +28,9 @@ def make_model(family: str, **overrides) -> nnx.Module:
 
 
 def configured(family: str, *, scan_layers: bool, remat: str = "none", **overrides):
-    """``(graphdef, params, rest)`` of the tiny ``family`` model as ``parallel.setup`` would prepare it."""
-    setup = parallel.Setup(parallel.make_mesh(MeshConfig()), remat=remat, scan_layers=scan_layers)
-    return split_model(setup.configure_model(make_model(family, **overrides)))
+    """``(graphdef, params, rest)`` of the tiny ``family`` model as ``sharding.setup`` would prepare it."""
+    mesh = MeshConfig(remat=remat, scan_layers=scan_layers)
+    return split_model(build.configure_model(make_model(family, **overrides), mesh))
 
 
 def logits_and_grads(graphdef, params, rest, dropout_key):
@@ -76,9 +76,9 @@ def test_parameter_paths_and_values_are_unchanged():
 
 
 def test_the_config_option_reaches_the_model():
-    setup = parallel.setup(MeshConfig(scan_layers=True, remat="full"))
-    assert setup.scan_layers and setup.remat == "full"
-    graphdef, state = setup.abstract_state(lambda: make_model("mistral"), make_optimizer(1e-3), seed=0)
+    mesh = MeshConfig(scan_layers=True, remat="full")
+    graphdef, state = build.abstract_state(sharding.setup(mesh), lambda: build.configure_model(make_model("mistral"), mesh),
+                                           make_optimizer(1e-3), seed=0)
     model = nnx.merge(graphdef, state.params, state.rest)
     assert model.scan_layers
     assert type(model.blocks[0]).__name__ == "RematFullLlamaBlock"
@@ -142,5 +142,4 @@ def test_blocks_that_differ_are_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="block 1 of this LlamaLM differs"):
         model.set_scan_layers(True)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        parallel.Setup(parallel.make_mesh(MeshConfig()), scan_layers=True).configure_model(
-            make_model("gpt2", scale_attn_by_inverse_layer_idx=True))
+        build.configure_model(make_model("gpt2", scale_attn_by_inverse_layer_idx=True), MeshConfig(scan_layers=True))

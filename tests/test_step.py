@@ -262,12 +262,26 @@ def test_bad_batches_are_named():
         step.evaluate(state, batch, np.zeros(4, np.int32), 0)
     with pytest.raises(TypeError, match=r"batch\['input_ids'\] must be int32"):
         step.evaluate(state, {**batch, "input_ids": batch["input_ids"].astype(np.int64)}, np.zeros(4, np.int32))
-    with pytest.raises(TypeError, match="n_remove must be int32"):
-        step.evaluate(state, batch, np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match="n_remove must hold integers"):
+        step.evaluate(state, batch, np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="n_remove"):
         step.evaluate(state, batch, np.zeros(5, np.int32))
     with pytest.raises(ValueError, match="accumulate_steps=3"):
         step(state, batch, np.zeros(4, np.int32))
+
+
+def test_removal_counts_accept_any_integer_array_like():
+    """A list, int64 NumPy and int32 JAX counts give the same result; host counts of any integer type
+    share one compiled program."""
+    graphdef, state = fresh(tiny_gpt2(), make_optimizer(1e-3))
+    step = TrainStep(graphdef, make_optimizer(1e-3), StepConfig(pad_id=EOS))
+    batch = make_batch(np.random.default_rng(8), 4, 24)
+    counts = [0, 1, 2, 3]
+    results = [step.evaluate(state, batch, n) for n in (counts, np.array(counts, np.int64), np.array(counts, np.uint8))]
+    assert step.eval_step._eval._cache_size() == 1
+    results.append(step.evaluate(state, batch, jnp.array(counts)))
+    for result in results[1:]:
+        assert float(result["loss_sum"]) == float(results[0]["loss_sum"])
 
 
 def test_warmup_ramps_the_lr_and_restarts_after_an_optimizer_reset():

@@ -58,6 +58,14 @@ class BatchLoader:
         self.steps_per_epoch = -(-len(data) // batch_size)
         self._order_cache: tuple[int, np.ndarray] | None = None
 
+    def global_view(self) -> "BatchLoader":
+        """A loader of whole global batches with the same order (``self`` on a single host): every host
+        plans the global batch, so resets, skips and smoothing offsets agree across hosts."""
+        if self.process_count == 1:
+            return self
+        return BatchLoader(self.data, self.batch_size, seed=self.seed, shuffle=self.shuffle,
+                           process_index=0, process_count=1)
+
     def order(self, epoch: int) -> np.ndarray:
         """Dataset indices in the order epoch `epoch` visits them (the same on every host)."""
         if not self.shuffle:

@@ -1,6 +1,6 @@
 """Building blocks shared by every model family.
 
-Parameters carry logical axis names (``out_sharding`` metadata) so that ``icot_jax.parallel`` can map them
+Parameters carry logical axis names (``out_sharding`` metadata) so that ``icot_jax.sharding`` can map them
 onto a mesh; layers take a compute ``dtype`` and a ``param_dtype``; attention supports grouped-query heads,
 padding, causal and sliding-window masks, and a fixed-shape KV cache written at a traced index.
 """
@@ -29,7 +29,7 @@ def param(init: Callable, key: jax.Array | None, shape: Sequence[int], axes: Seq
           dtype: DTypeLike) -> nnx.Param:
     """An ``nnx.Param`` initialised with ``init(key, shape, dtype)`` that carries logical axis names.
 
-    ``eager_sharding=False`` because the names are logical, not mesh axes: ``icot_jax.parallel`` maps them
+    ``eager_sharding=False`` because the names are logical, not mesh axes: ``icot_jax.sharding`` maps them
     (e.g. with ``nnx.logical_axis_rules`` and ``nnx.get_partition_spec``) and places the arrays itself.
     """
     if len(axes) != len(shape):
@@ -46,7 +46,7 @@ def logical_axes(model_or_state: nnx.Module | nnx.State) -> nnx.State:
     """The logical axis names of every parameter, as ``PartitionSpec``s of names.
 
     Same tree structure as ``nnx.state(model, nnx.Param)``; e.g. the token embedding gets
-    ``PartitionSpec('vocab', 'embed')``. ``icot_jax.parallel`` turns these into mesh specs.
+    ``PartitionSpec('vocab', 'embed')``. ``icot_jax.sharding`` turns these into mesh specs.
     """
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
     return jax.tree.map(lambda v: PartitionSpec(*v.get_metadata("out_sharding")), state,
@@ -437,7 +437,7 @@ class CausalLM(nnx.Module):
         """``x`` through every block as one ``jax.lax.scan`` over their stacked states (no KV cache).
 
         Stacking copies the blocks' parameters once per forward pass (and the gradients once back); a
-        rematerialised block (``parallel.apply_remat``) stays rematerialised, since the scanned body calls it.
+        rematerialised block (``sharding.apply_remat``) stays rematerialised, since the scanned body calls it.
         """
         graphdef = self._block_graphdef()
         stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(block) for block in self.blocks))

@@ -84,6 +84,32 @@ def init_train_state(params: nnx.State, rest: nnx.State, optimizer: optax.Gradie
                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
 
 
+def train_state_from_model(model: nnx.Module, optimizer: optax.GradientTransformation, *, seed: int = 0
+                           ) -> tuple[nnx.GraphDef, TrainState]:
+    """``(graphdef, state)``: a fresh train state holding *copies* of ``model``'s arrays.
+
+    The train step donates its state, which deletes the state's arrays; because they are copies here,
+    ``model`` keeps working after any number of steps. (Sharded runs build their state with
+    :func:`icot_jax.build.init_state`, which allocates each array once, in its shards.)
+    """
+    graphdef, params, rest = split_model(model)
+    params, rest = jax.tree.map(jnp.copy, (params, rest))
+    return graphdef, init_train_state(params, rest, optimizer, seed=seed)
+
+
+def model_from_state(graphdef: nnx.GraphDef, state: TrainState, *, copy: bool = False) -> nnx.Module:
+    """The NNX model with the current parameters of ``state`` (the inverse of :func:`train_state_from_model`).
+
+    Without ``copy`` the model *shares* the state's arrays: the next train step, which donates ``state``,
+    deletes them, so use the model before that step (as the training loop's evaluation does) or pass
+    ``copy=True`` to keep it.
+    """
+    params, rest = (state.params, state.rest)
+    if copy:
+        params, rest = jax.tree.map(jnp.copy, (params, rest))
+    return nnx.merge(graphdef, params, rest)
+
+
 def token_stats(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and correct predictions over target positions (float32).
 
@@ -115,6 +141,60 @@ class StepConfig:
     must hold ``max_length + random_position_shift`` positions."""
 
 
+def prepare_inputs(config: StepConfig, batch: dict, n_remove: jax.Array, width: int) -> tuple[dict, dict]:
+    """Remove CoT tokens in-graph into ``width`` columns; return the model inputs with the loss mask, and
+    removal statistics (``mean_removed``, ``mean_cot_left`` over real rows)."""
+    removed = remove_cot(batch["input_ids"], batch["seps"], n_remove, side=config.side,
+                         keep_position=config.keep_position, pad_id=config.pad_id, width=width)
+    real = batch["example_mask"]
+    inputs = {"input_ids": removed.input_ids, "position_ids": removed.position_ids,
+              "attention_mask": removed.attention_mask, "loss_mask": removed.loss_mask & real[:, None]}
+    n_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+    cot_left = jnp.maximum(removed.seps[:, 1] - removed.seps[:, 0] - 1, 0)
+    stats = {"mean_removed": jnp.sum(jnp.where(real, removed.n_removed, 0)) / n_real,
+             "mean_cot_left": jnp.sum(jnp.where(real, cot_left, 0)) / n_real}
+    return inputs, stats
+
+
+def model_token_stats(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, inputs: dict,
+                      dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """:func:`token_stats` of the model ``(graphdef, params, rest)`` on prepared ``inputs``."""
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], dropout_key=dropout_key)
+    return token_stats(logits, inputs["input_ids"], inputs["loss_mask"])
+
+
+class EvalStep:
+    """The compiled teacher-forced evaluation step: removal, forward pass, token sums; no dropout, no
+    optimizer, no update. ``state_sharding`` (shardings of a :class:`TrainState`, or of anything with
+    ``params`` and ``rest``) and ``batch_sharding`` as for :class:`TrainStep`."""
+
+    def __init__(self, graphdef: nnx.GraphDef, config: StepConfig, *, state_sharding: Any = None,
+                 batch_sharding: Any = None):
+        self.graphdef, self.config = graphdef, config
+        params = rest = None
+        if state_sharding is not None:
+            params, rest = state_sharding.params, state_sharding.rest
+        self._eval = jax.jit(self._eval_step, in_shardings=(params, rest, batch_sharding, batch_sharding),
+                             static_argnums=4)
+
+    def __call__(self, params: nnx.State, rest: nnx.State, batch: Mapping[str, Any], n_remove: Any,
+                 width: int | None = None) -> dict:
+        """Teacher-forced sums for one batch: ``loss_sum``, ``n_correct``, ``n_target_tokens`` (add them
+        over batches) and the batch's ``loss`` and ``token_accuracy``. Nothing is donated. ``width`` as
+        in :meth:`TrainStep.__call__` (each width compiles once)."""
+        batch, n_remove = _select(batch, n_remove)
+        return self._eval(params, rest, batch, n_remove, _checked_width(batch, width))
+
+    def _eval_step(self, params: nnx.State, rest: nnx.State, batch: dict, n_remove: jax.Array, width: int) -> dict:
+        inputs, stats = prepare_inputs(self.config, batch, n_remove, width)
+        loss_sum, n_correct = model_token_stats(self.graphdef, params, rest, inputs, None)
+        n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
+        denominator = jnp.maximum(n_tokens, 1).astype(jnp.float32)
+        return {"loss_sum": loss_sum, "n_correct": n_correct, "n_target_tokens": n_tokens,
+                "loss": loss_sum / denominator, "token_accuracy": n_correct / denominator, **stats}
+
+
 class TrainStep:
     """The compiled train step, evaluation step and optimizer reset for one model graph.
 
@@ -132,7 +212,7 @@ class TrainStep:
         data = (state_sharding, batch_sharding, batch_sharding)
         self._train = jax.jit(self._train_step, in_shardings=data, out_shardings=(state_sharding, None),
                               donate_argnums=0, static_argnums=3)
-        self._eval = jax.jit(self._eval_step, in_shardings=data, static_argnums=3)
+        self.eval_step = EvalStep(graphdef, config, state_sharding=state_sharding, batch_sharding=batch_sharding)
         self._reset = jax.jit(self._reset_optimizer, in_shardings=(state_sharding,),
                               out_shardings=state_sharding, donate_argnums=0)
 
@@ -148,7 +228,7 @@ class TrainStep:
         ``width`` (default: the batch's stored length) is the static length of the rows after removal;
         it must hold every row's post-removal length (:func:`icot_jax.removal.post_removal_lengths`).
         """
-        batch = _select(batch, n_remove)
+        batch, n_remove = _select(batch, n_remove)
         width = _checked_width(batch, width)
         state, metrics = self._train(state, batch, n_remove, width)
         return state, {**metrics, "train_step_compiles": self.compiles, "batch_width": width}
@@ -156,15 +236,14 @@ class TrainStep:
     def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> jax.stages.Lowered:
         """Lower the train step for these (possibly abstract, ``jax.ShapeDtypeStruct``) arguments, e.g.
         to compile ahead of time for a TPU topology and read ``compile().memory_analysis()``."""
-        batch = _select(batch, n_remove)
+        batch, n_remove = _select(batch, n_remove)
         return self._train.lower(state, batch, n_remove, _checked_width(batch, width))
 
     def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> dict:
         """Teacher-forced sums for one batch, no dropout, no update: ``loss_sum``, ``n_correct``,
         ``n_target_tokens`` (add them over batches) and the batch's ``loss`` and ``token_accuracy``.
         ``width`` as in :meth:`__call__` (each width compiles the evaluation once)."""
-        batch = _select(batch, n_remove)
-        return self._eval(state, batch, n_remove, _checked_width(batch, width))
+        return self.eval_step(state.params, state.rest, batch, n_remove, width)
 
     def reset_optimizer(self, state: TrainState) -> TrainState:
         """Fresh optimizer state (moments and count zeroed), as the reference rebuilds AdamW; donates ``state``."""
@@ -172,29 +251,9 @@ class TrainStep:
 
     # -- traced functions ------------------------------------------------------------------------------
 
-    def _prepare(self, batch: dict, n_remove: jax.Array, width: int) -> tuple[dict, dict]:
-        """Remove CoT tokens in-graph into ``width`` columns; return model inputs with the loss mask, and
-        removal statistics."""
-        c = self.config
-        removed = remove_cot(batch["input_ids"], batch["seps"], n_remove, side=c.side,
-                             keep_position=c.keep_position, pad_id=c.pad_id, width=width)
-        real = batch["example_mask"]
-        inputs = {"input_ids": removed.input_ids, "position_ids": removed.position_ids,
-                  "attention_mask": removed.attention_mask, "loss_mask": removed.loss_mask & real[:, None]}
-        n_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
-        cot_left = jnp.maximum(removed.seps[:, 1] - removed.seps[:, 0] - 1, 0)
-        stats = {"mean_removed": jnp.sum(jnp.where(real, removed.n_removed, 0)) / n_real,
-                 "mean_cot_left": jnp.sum(jnp.where(real, cot_left, 0)) / n_real}
-        return inputs, stats
-
-    def _token_stats(self, params: nnx.State, rest: nnx.State, inputs: dict, dropout_key: jax.Array | None):
-        model = nnx.merge(self.graphdef, params, rest)
-        logits = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], dropout_key=dropout_key)
-        return token_stats(logits, inputs["input_ids"], inputs["loss_mask"])
-
     def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array, width: int) -> tuple[TrainState, dict]:
         self._traces += 1  # Python side effect: runs once per trace, never per call
-        inputs, stats = self._prepare(batch, n_remove, width)
+        inputs, stats = prepare_inputs(self.config, batch, n_remove, width)
         if self.config.random_position_shift:
             inputs["position_ids"] = shift_positions(inputs["position_ids"], self.config.random_position_shift,
                                                      jax.random.fold_in(state.rng, state.step))
@@ -218,7 +277,7 @@ class TrainStep:
             # whole batch, so the micro-batch gradients add up to exactly the gradient of the full batch's
             # token-mean loss, however unevenly the targets fall into micro-batches. (Averaging per-micro
             # means, or the reference's update after the first micro-batch alone, would not.)
-            loss_sum, n_correct = self._token_stats(params, state.rest, micro_batch, key)
+            loss_sum, n_correct = model_token_stats(self.graphdef, params, state.rest, micro_batch, key)
             return loss_sum * inv_tokens, (loss_sum, n_correct)
 
         def accumulate(grads, indexed_micro_batch):
@@ -241,14 +300,6 @@ class TrainStep:
         grads, (loss_sums, n_correct) = jax.lax.scan(accumulate, zeros, micro_batches)
         return grads, jnp.sum(loss_sums), jnp.sum(n_correct)
 
-    def _eval_step(self, state: TrainState, batch: dict, n_remove: jax.Array, width: int) -> dict:
-        inputs, stats = self._prepare(batch, n_remove, width)
-        loss_sum, n_correct = self._token_stats(state.params, state.rest, inputs, None)
-        n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
-        denominator = jnp.maximum(n_tokens, 1).astype(jnp.float32)
-        return {"loss_sum": loss_sum, "n_correct": n_correct, "n_target_tokens": n_tokens,
-                "loss": loss_sum / denominator, "token_accuracy": n_correct / denominator, **stats}
-
     def _reset_optimizer(self, state: TrainState) -> TrainState:
         return state.replace(opt_state=self.optimizer.init(state.params))
 
@@ -265,21 +316,32 @@ def shift_positions(position_ids: jax.Array, max_shift: int, step_key: jax.Array
     return position_ids + offsets
 
 
-def _select(batch: Mapping[str, Any], n_remove: Any) -> dict:
+def _select(batch: Mapping[str, Any], n_remove: Any) -> tuple[dict, Any]:
     """The batch entries the step reads, checked for presence, dtype and shape (a dtype change would
-    silently recompile the step)."""
+    silently recompile the step), and ``n_remove`` as ``int32`` (any integer array-like works: a list,
+    NumPy or JAX integers of another width)."""
+    n_remove = _as_int32(n_remove)
     missing = [key for key in BATCH_KEYS if key not in batch]
     if missing:
         raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
     named = {f"batch['{key}']": (batch[key], dtype) for key, dtype in BATCH_KEYS.items()}
-    for name, (value, dtype) in {**named, "n_remove": (n_remove, np.int32)}.items():
+    for name, (value, dtype) in named.items():
         if np.dtype(value.dtype) != np.dtype(dtype):
             raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {np.dtype(value.dtype).name}")
     rows = batch["input_ids"].shape[0]
     if batch["seps"].shape != (rows, 3) or batch["example_mask"].shape != (rows,) or n_remove.shape != (rows,):
         raise ValueError(f"inconsistent batch shapes: input_ids {batch['input_ids'].shape}, seps "
                          f"{batch['seps'].shape}, example_mask {batch['example_mask'].shape}, n_remove {n_remove.shape}")
-    return {key: batch[key] for key in BATCH_KEYS}
+    return {key: batch[key] for key in BATCH_KEYS}, n_remove
+
+
+def _as_int32(n_remove: Any) -> Any:
+    """Removal counts as ``int32`` (a JAX array stays on its devices; others become NumPy)."""
+    if not hasattr(n_remove, "dtype"):
+        n_remove = np.asarray(n_remove)
+    if not np.issubdtype(np.dtype(n_remove.dtype), np.integer):
+        raise TypeError(f"n_remove must hold integers, got {np.dtype(n_remove.dtype).name}")
+    return n_remove if np.dtype(n_remove.dtype) == np.int32 else n_remove.astype(np.int32)
 
 
 def _checked_width(batch: Mapping[str, Any], width: int | None) -> int:

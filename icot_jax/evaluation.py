@@ -1,7 +1,7 @@
 """Evaluating checkpoints: ``icot eval``, ``icot generate`` and ``icot tradeoff``.
 
 A checkpoint is a training run directory (``config.yaml``, orbax checkpoints; loaded with
-``icot_jax.train.loop.load_run_model``) or a Hugging Face folder (``config.json`` + safetensors + tokenizer,
+``icot_jax.runs.load_run_model``) or a Hugging Face folder (``config.json`` + safetensors + tokenizer,
 as written by ``icot export-hf``). The decoding itself lives in :mod:`icot_jax.generate`.
 
 Heavy modules (jax, transformers) are imported inside the functions: ``icot`` registers these commands
@@ -10,7 +10,6 @@ on every invocation, and ``icot --help`` or ``icot data`` must not pay for them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -20,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icot_jax.cli import user_errors_exit
 from icot_jax.config import CHOICES
 
 if TYPE_CHECKING:
@@ -130,7 +128,7 @@ def load_checkpoint(path: str | Path, *, which: str = "best", dtype: str = "floa
     """
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from icot_jax.train.loop import load_run_model
+        from icot_jax.runs import load_run_model
 
         model, tokenizer, config = load_run_model(path, which=which)
         return Checkpoint(path, model, tokenizer, join or config.data.join, config,
@@ -173,51 +171,21 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[Examp
     return examples
 
 
-def parse_n_remove(text: str) -> int:
-    """``K`` (CoT tokens removed from the left of every example) or ``all`` (``REMOVE_ALL``)."""
-    from icot_jax.removal import REMOVE_ALL
-
-    if text == "all":
-        return REMOVE_ALL
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number of CoT tokens or 'all', got {text!r}")
-    return int(text)
-
-
 def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remove: int, batch_size: int) -> dict:
     """Teacher-forced loss, token accuracy and perplexity with ``n_remove`` CoT tokens removed per example
     (no smoothing offsets): the training loop's validation numbers at that point of the curriculum."""
-    import jax
     import numpy as np
-    import optax
 
     from icot_jax.removal import REMOVE_ALL
-    from icot_jax.train.loop import teacher_forced
-    from icot_jax.train.step import StepConfig, TrainState, TrainStep, split_model
+    from icot_jax.train.step import EvalStep, StepConfig, split_model
+    from icot_jax.train.teacher_forced import teacher_forced
 
     config = StepConfig(pad_id=data.pad_id, side=checkpoint.removal_side, keep_position=checkpoint.keep_position)
     graphdef, params, rest = split_model(checkpoint.model)
-    # Evaluation reads only params and rest: no optimizer state is built.
-    state = TrainState(step=np.zeros((), np.int32), params=params, rest=rest, opt_state=(),
-                       rng=jax.random.PRNGKey(0))
-    step = TrainStep(graphdef, optax.identity(), config)
-    metrics = teacher_forced(step, state, data, lambda rows: np.full(rows, n_remove, np.int32), batch_size)
+    metrics = teacher_forced(EvalStep(graphdef, config), params, rest, data,
+                             lambda rows: np.full(rows, n_remove, np.int32), batch_size)
     return {"n_remove": "all" if n_remove >= REMOVE_ALL else n_remove,
             **{key.replace("val_", "teacher_forced_"): value for key, value in metrics.items()}}
-
-
-def trained_with_keep_position(checkpoint: Checkpoint) -> bool:
-    """Whether the checkpoint's training run kept removed tokens' positions (``train.keep_position``)."""
-    return checkpoint.keep_position
-
-
-def parse_position_gap(text: str) -> str | int:
-    """``auto`` or a non-negative number of positions."""
-    if text == "auto":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of positions, got {text!r}")
-    return int(text)
 
 
 def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int | None = None,
@@ -242,7 +210,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, 
                                     settings=DecodeSettings(max_new_tokens=max_new_tokens))
     if position_gap == "auto":
         removed = REMOVE_ALL if n_remove is None else n_remove
-        gaps = keep_position_gaps(data, removed) if trained_with_keep_position(checkpoint) else None
+        gaps = keep_position_gaps(data, removed) if checkpoint.keep_position else None
     else:
         gaps = int(position_gap)
     result = evaluator(checkpoint.model, gaps)
@@ -304,14 +272,14 @@ def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: in
     from icot_jax.data.formats import ANSWER_MARKER, Example, parse_line
     from icot_jax.data.multiplication import format_example
     from icot_jax.data.tokenize import encode_examples
-    from icot_jax.generate import DecodeSettings, Decoder, extract_answer, keep_position_gaps, left_pad_prompts
+    from icot_jax.generate import Decoder, DecodeSettings, extract_answer, keep_position_gaps, left_pad_prompts
     from icot_jax.removal import REMOVE_ALL
 
     model_input = to_model_notation(question)
     tokenizer = checkpoint.tokenizer
     prompt = encode_examples([Example(model_input, "", ANSWER_MARKER)], tokenizer, mode=checkpoint.join)
     gap = 0 if position_gap == "auto" else int(position_gap)
-    if position_gap == "auto" and trained_with_keep_position(checkpoint):
+    if position_gap == "auto" and checkpoint.keep_position:
         operands = multiplication_operands(model_input)
         if operands is None or None in operands:
             raise ValueError("this checkpoint was trained with train.keep_position: pass --position-gap N (the "
@@ -392,105 +360,3 @@ def write_tradeoff(rows: Sequence[dict], out_dir: str | Path, *, title: str = ""
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return csv_path, png_path
-
-
-# ------------------------------------------------------------------------------------------------ commands
-
-
-def _load(args: argparse.Namespace, path: str | Path) -> Checkpoint:
-    return load_checkpoint(path, which=args.which, dtype=args.dtype, join=args.join)
-
-
-@user_errors_exit
-def run_eval(args: argparse.Namespace) -> int:
-    """``icot eval --checkpoint DIR --data FILE``: writes eval.json (+ predictions) and prints it last."""
-    checkpoint = _load(args, args.checkpoint)
-    examples = read_eval_examples(args.data, args.limit)
-    result, metrics = evaluate_checkpoint(checkpoint, examples, batch_size=args.batch_size,
-                                          max_new_tokens=args.max_new_tokens, n_remove=args.n_remove,
-                                          position_gap=args.position_gap)
-    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metrics = {"data": str(args.data), **metrics}
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-    with out.with_name(f"{out.stem}_predictions.jsonl").open("w") as f:
-        for prediction in result.predictions:
-            f.write(json.dumps(dataclasses.asdict(prediction)) + "\n")
-    print(json.dumps(metrics))
-    return 0
-
-
-@user_errors_exit
-def run_generate(args: argparse.Namespace) -> int:
-    """``icot generate --checkpoint DIR QUESTION``: the model's CoT (if any) and answer."""
-    answer = generate_answer(_load(args, args.checkpoint), args.question, max_new_tokens=args.max_new_tokens,
-                             position_gap=args.position_gap)
-    print(format_answer(answer))
-    return 0
-
-
-@user_errors_exit
-def run_tradeoff(args: argparse.Namespace) -> int:
-    """``icot tradeoff --checkpoints A B C --data FILE``: tradeoff.csv and tradeoff.png under ``--out``."""
-    rows = tradeoff(args.checkpoints, read_eval_examples(args.data, args.limit), labels=args.labels,
-                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, which=args.which,
-                    dtype=args.dtype, join=args.join, position_gap=args.position_gap)
-    csv_path, png_path = write_tradeoff(rows, args.out, title=f"{Path(args.data).parent.name}: accuracy vs speed")
-    for row in rows:
-        print(f"{row['label']:>24}  accuracy {row['accuracy']:.3f}  {row['examples_per_second']:8.2f} examples/s  "
-              f"{row['mean_generated_tokens']:6.1f} tokens/example  x{row['speedup_vs_slowest']:.2f}")
-    print(json.dumps({"csv": str(csv_path), "png": str(png_path), "rows": rows}))
-    return 0
-
-
-def _checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
-    """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
-    parser.add_argument("--which", choices=("best", "latest"), default="best",
-                        help="weights of a run directory (default: best)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="dtype of a Hugging Face folder's weights and compute (default: float32)")
-    parser.add_argument("--join", choices=CHOICES["data.join"],
-                        help="tokenization mode of training (default: the run's, or 'reference')")
-    if data:
-        parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                            help=f"default: {DEFAULT_MAX_NEW_TOKENS}, as the reference")
-    else:
-        parser.add_argument("--max-new-tokens", type=int,
-                            help=f"default: a run's eval.max_new_tokens ({DEFAULT_MAX_NEW_TOKENS} for a Hugging Face "
-                                 "folder); capped by a learned position table")
-    parser.add_argument("--position-gap", type=parse_position_gap, default="auto", metavar="auto|N",
-                        help="positions skipped after the prompt; auto: 0, or for a train.keep_position run the "
-                             "CoT length it was trained without (default: auto)")
-    if data:
-        parser.add_argument("--data", required=True, help="SRC||COT #### ANS file (e.g. valid.txt)")
-        parser.add_argument("--batch-size", type=int, help="prompts decoded together (default: the fewest even "
-                                                           "batches of at most 128)")
-        parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``eval``, ``generate`` and ``tradeoff``."""
-    e = subparsers.add_parser("eval", help="generation accuracy and throughput of a checkpoint",
-                              description="Greedy-decode every question of --data and score the answers "
-                                          "exactly as the reference; writes eval.json.")
-    e.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder")
-    _checkpoint_options(e, data=True)
-    e.add_argument("--out", help="where to write the JSON (default: CHECKPOINT/eval.json)")
-    e.add_argument("--n-remove", type=parse_n_remove, metavar="K|all",
-                   help="also report teacher-forced loss/accuracy with K CoT tokens removed")
-    e.set_defaults(run=run_eval)
-
-    g = subparsers.add_parser("generate", help="answer one question",
-                              description="Multiplication in normal notation (3719*3349) is converted to the "
-                                          "models' reversed notation and the answer back; other text is used as is.")
-    g.add_argument("question", help="e.g. '3719*3349', '9 1 7 3 * 9 4 3 3' or a GSM8K question")
-    g.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder")
-    _checkpoint_options(g, data=False)
-    g.set_defaults(run=run_generate)
-
-    t = subparsers.add_parser("tradeoff", help="accuracy vs speed of several checkpoints (CSV + PNG)")
-    t.add_argument("--checkpoints", nargs="+", required=True, help="e.g. checkpoints at growing removal counts")
-    t.add_argument("--labels", nargs="+", help="one label per checkpoint (default: folder names)")
-    _checkpoint_options(t, data=True)
-    t.add_argument("--out", default="tradeoff", help="output folder (default: ./tradeoff)")
-    t.set_defaults(run=run_tradeoff)

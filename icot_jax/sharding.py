@@ -1,4 +1,5 @@
-"""Meshes, sharding rules, sharded initialisation and multi-host helpers.
+"""Meshes, sharding rules, placement of batches and multi-host helpers (sharded train-state creation is
+in :mod:`icot_jax.build`).
 
 The sharding story in one place:
 
@@ -8,15 +9,14 @@ The sharding story in one place:
   parameter, which is then replicated along it (:func:`shardings`);
 * batches are split along ``(data, fsdp)`` (:data:`BATCH_AXES`); each host loads only the rows its
   devices hold (:meth:`Setup.host_rows`) and :func:`put_batch` assembles the global arrays;
-* the whole :class:`~icot_jax.train.step.TrainState` (parameters *and* optimizer moments) is created by
-  one ``jax.jit`` with ``out_shardings``, so no array ever exists unsharded on one device
-  (:meth:`Setup.init_state`).
+* :mod:`icot_jax.build` creates the whole train state (parameters *and* optimizer moments) in one
+  ``jax.jit`` with these ``out_shardings``, so no array ever exists unsharded on one device.
 
 Typical use in a training loop::
 
     initialize_distributed()                      # every host, before anything touches devices
-    setup = parallel.setup(config.mesh)
-    graphdef, state = setup.init_state(make_model, optimizer, seed=config.train.seed)
+    setup = sharding.setup(config.mesh)
+    graphdef, state = build.init_state(setup, make_model, optimizer, seed=config.train.seed)
     step = TrainStep(graphdef, optimizer, step_config, state_sharding=setup.shardings(state),
                      batch_sharding=setup.batch_sharding)
     loader = BatchLoader(data, batch_size, **setup.host_rows(batch_size))
@@ -34,13 +34,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from icot_jax.config import MeshConfig
-from icot_jax.train.step import TrainState, init_train_state, split_model
 
 MESH_AXES = ("data", "fsdp", "tensor")
 """Mesh axis names, outermost first: data-parallel replicas, fully-sharded data parallel, tensor parallel."""
@@ -130,7 +128,7 @@ def mesh_spec(logical: PartitionSpec | Sequence[str | None], shape: Sequence[int
     spec = []
     for name, size in zip(logical, shape):
         if name is not None and name not in rules:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to icot_jax.parallel.LOGICAL_RULES "
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to icot_jax.sharding.LOGICAL_RULES "
                            f"(known: {sorted(rules)})")
         targets = rules[name] if name is not None else None
         targets = (targets,) if isinstance(targets, str) else (targets or ())
@@ -249,14 +247,6 @@ class Setup:
 
     mesh: Mesh
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(LOGICAL_RULES))
-    remat: str = "none"
-    """Rematerialisation policy of the transformer blocks (``mesh.remat``, see :func:`apply_remat`)."""
-    scan_layers: bool = False
-    """Run the transformer blocks under one ``jax.lax.scan`` (``mesh.scan_layers``, see
-    :meth:`~icot_jax.models.CausalLM.set_scan_layers`)."""
-    materialize_cotangents: bool = True
-    """Compute each projection's cotangent once on CPU (``mesh.materialize_cotangents``, see
-    :meth:`~icot_jax.models.CausalLM.set_materialize_cotangents`)."""
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -288,78 +278,10 @@ class Setup:
         """:func:`put_batch` with :attr:`batch_sharding`."""
         return put_batch(batch, n_remove, self.batch_sharding, whole=whole)
 
-    def configure_model(self, model: nnx.Module) -> nnx.Module:
-        """``model`` with this setup's :attr:`remat`, :attr:`scan_layers` and :attr:`materialize_cotangents`
-        applied (in place; returned).
-
-        None changes a parameter or its path, only the model's graphdef, so checkpoints, Hugging Face
-        key maps and sharding rules are unaffected.
-        """
-        model = apply_remat(model, self.remat).set_scan_layers(self.scan_layers)
-        return model.set_materialize_cotangents(self.materialize_cotangents)
-
-    def abstract_state(self, model_factory: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
-                       *, seed: int) -> tuple[nnx.GraphDef, TrainState]:
-        """``(graphdef, state)`` with ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated.
-
-        The graphdef carries the remat policy and layer scanning (see :meth:`configure_model`).
-        """
-        model = self.configure_model(nnx.eval_shape(model_factory))
-        graphdef, params, rest = split_model(model)
-        return graphdef, jax.eval_shape(lambda p, r: init_train_state(p, r, optimizer, seed=seed), params, rest)
-
-    def init_state(self, model_factory: Callable[[], nnx.Module], optimizer: optax.GradientTransformation, *,
-                   seed: int) -> tuple[nnx.GraphDef, TrainState]:
-        """A freshly initialised, sharded train state: ``(graphdef, state)``.
-
-        ``model_factory()`` builds the model (e.g. ``lambda: hf.from_config(cfg, seed=s)``). It runs once
-        abstractly to find every array's shape and sharding, then under ``jax.jit`` with those
-        ``out_shardings``: each device computes only its own shards of parameters and optimizer state.
-        The values equal an unsharded initialisation's (JAX's PRNG does not depend on sharding).
-        """
-        def init() -> TrainState:
-            _, params, rest = split_model(model_factory())
-            return init_train_state(params, rest, optimizer, seed=seed)
-
-        graphdef, abstract = self.abstract_state(model_factory, optimizer, seed=seed)
-        return graphdef, jax.jit(init, out_shardings=self.shardings(abstract))()
-
-    def state_from_model(self, model: nnx.Module, optimizer: optax.GradientTransformation, *,
-                         seed: int) -> tuple[nnx.GraphDef, TrainState]:
-        """``(graphdef, state)`` around an existing model (e.g. from :meth:`load_pretrained`).
-
-        Parameters are resharded to the rules if needed and donated: the model must not be used afterwards.
-        The optimizer state is created directly in its shards.
-        """
-        graphdef, params, rest = split_model(self.configure_model(model))
-
-        def init(params, rest):
-            return init_train_state(params, rest, optimizer, seed=seed)
-
-        state_sharding = self.shardings(jax.eval_shape(init, params, rest))
-        init = jax.jit(init, in_shardings=(state_sharding.params, state_sharding.rest), out_shardings=state_sharding,
-                       donate_argnums=(0, 1))
-        return graphdef, init(params, rest)
-
-    def load_pretrained(self, path_or_name: str, *, dtype: str = "float32", param_dtype: str = "float32"):
-        """``(model, hf_config)`` with every tensor read from the checkpoint straight into its shards.
-
-        See :func:`icot_jax.models.hf.load_pretrained`; the shardings come from :data:`LOGICAL_RULES`.
-        """
-        import transformers
-
-        from icot_jax.models import hf
-
-        hf_config = transformers.AutoConfig.from_pretrained(hf.resolve_checkpoint(path_or_name))
-        abstract_model = nnx.eval_shape(lambda: hf.from_config(hf_config, dtype=dtype, param_dtype=param_dtype))
-        param_shardings = self.shardings(nnx.state(abstract_model, nnx.Param))
-        return hf.load_pretrained(path_or_name, dtype=dtype, param_dtype=param_dtype, shardings=param_shardings)
-
 
 def setup(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Setup:
     """The :class:`Setup` of ``config.mesh`` over ``devices`` (default: every device of every host)."""
-    return Setup(make_mesh(config, devices), remat=config.remat, scan_layers=config.scan_layers,
-                 materialize_cotangents=config.materialize_cotangents)
+    return Setup(make_mesh(config, devices))
 
 
 # ------------------------------------------------------------------------------------------ multi-host

@@ -17,9 +17,9 @@ import jax
 from etils import epath
 
 from icot_jax.config import Config, save_config
+from icot_jax.loop.lock import RunDirLocked, RunLock
+from icot_jax.loop.resume import record_config_changes, resume_config
 from icot_jax.rundir import NewRunFiles, RunDir
-from icot_jax.train.lock import RunDirLocked, RunLock
-from icot_jax.train.resume import record_config_changes, resume_config
 
 
 def say(message: str) -> None:

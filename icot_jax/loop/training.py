@@ -11,7 +11,6 @@ Resume bookkeeping lives in the checkpoint's JSON ``meta``: ``batch_index`` (nex
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
@@ -19,195 +18,23 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from icot_jax import adaptive, parallel
+from icot_jax import adaptive, sharding
+from icot_jax.build import build_trainer
 from icot_jax.checkpoint import RunCheckpoints
-from icot_jax.config import Config, load_config
-from icot_jax.data.formats import read_examples
+from icot_jax.config import Config
 from icot_jax.data.loader import BatchLoader
-from icot_jax.data.tokenize import (EncodedDataset, OverlengthError, encode_examples, load_tokenizer,
-                                    save_builtin_tokenizer)
-from icot_jax.models.hf_configs import model_hf_config
+from icot_jax.data.tokenize import EncodedDataset
 from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
-from icot_jax.removal import Curriculum, Schedule, reference_batch_length
-from icot_jax.rundir import RunDir
-from icot_jax.train.divergence import DivergenceGuard, TrainingDiverged
-from icot_jax.train.logs import MetricsLog, plot_run
-from icot_jax.train.session import RunSession
-from icot_jax.train.step import StepConfig, TrainState, TrainStep, init_train_state, optimizer_for, split_model
-from icot_jax.train.widths import Widths, plan_widths, round_up
-
-
-@dataclasses.dataclass
-class RunData:
-    """Tokenizer and encoded splits of a run (``test`` may be None)."""
-
-    tokenizer: Any
-    train: EncodedDataset
-    valid: EncodedDataset | None
-    test: EncodedDataset | None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Setup: data, model, state
-
-
-def _generate_data(config: Config, run_dir: Path) -> dict[str, str]:
-    """Built-in K×K multiplication data written under ``run_dir/data`` (CPU demos, tests)."""
-    from icot_jax.data.multiplication import write_dataset
-
-    d = config.data
-    out = run_dir / "data"
-    if not (out / "train.txt").exists():
-        write_dataset(out, [d.generate_digits], {"train": d.generate_train, "valid": d.generate_valid},
-                      seed=d.generate_seed, exclude_files=[p for p in (d.valid, d.test) if p])
-    generated_valid = str(out / "valid.txt") if d.generate_valid else None
-    return {"train": str(out / "train.txt"), "valid": d.valid or generated_valid, "test": d.test}
-
-
-def prepare_data(config: Config, run_dir: Path) -> RunData:
-    """Load the tokenizer (saved into ``run_dir/tokenizer``) and encode train/valid/test."""
-    d = config.data
-    tokenizer_dir = run_dir / "tokenizer"
-    if not tokenizer_dir.exists():
-        if d.tokenizer == "builtin":
-            save_builtin_tokenizer(tokenizer_dir)
-        else:
-            load_tokenizer(d.tokenizer).save_pretrained(str(tokenizer_dir))
-    tokenizer = load_tokenizer(tokenizer_dir)
-    files = {"train": d.train, "valid": d.valid, "test": d.test}
-    if d.generate_digits and not d.train:
-        files = _generate_data(config, run_dir)
-    on_error = "raise" if d.on_malformed == "error" else "skip"
-
-    def encode(split: str, limit: int | None) -> EncodedDataset | None:
-        if not files[split]:
-            return None
-        parsed = read_examples(files[split], on_error=on_error)
-        try:
-            return encode_examples(parsed.examples[:limit], tokenizer, mode=d.join, max_length=d.max_length,
-                                   buckets=d.buckets or None, on_overlength=d.too_long, source=files[split])
-        except OverlengthError as error:
-            raise ValueError(f"{files[split]}:{parsed.line_numbers[error.first]}: the first of {error.detail}; "
-                             "raise data.max_length / data.buckets or set data.too_long=skip") from None
-
-    return RunData(tokenizer, encode("train", d.max_train_examples), encode("valid", d.max_eval_examples),
-                   encode("test", d.max_eval_examples))
-
-
-def build_state(config: Config, tokenizer: Any, run_dir: Path, setup: parallel.Setup, optimizer):
-    """``(graphdef, state)``: the initial train state (random init or HF weights), created directly in its
-    shards on ``setup``'s mesh. The model's HF config is saved to ``run_dir/model``."""
-    from icot_jax.models import hf
-
-    m, seed = config.model, config.train.seed
-    if m.from_scratch:
-        hf_config = model_hf_config(config, tokenizer)
-        graphdef, state = setup.init_state(
-            lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=seed), optimizer, seed=seed)
-    else:
-        model, hf_config = setup.load_pretrained(m.hf, dtype=m.dtype, param_dtype=m.param_dtype)
-        graphdef, state = setup.state_from_model(model, optimizer, seed=seed)
-    if hf_config.vocab_size < len(tokenizer):
-        raise ValueError(f"model.hf: vocabulary of {hf_config.vocab_size} < tokenizer's {len(tokenizer)} tokens")
-    hf_config.save_pretrained(str(run_dir / "model"))
-    return graphdef, state
-
-
-def load_run_model(run_dir: Path | str, which: str = "best"):
-    """``(model, tokenizer, config)`` of a training run, with the ``best`` or ``latest`` weights."""
-    import transformers
-
-    from icot_jax.models import hf
-
-    run = RunDir(run_dir)
-    run.pull()
-    config = load_config(run.local / "config.yaml")
-    tokenizer = load_tokenizer(run.local / "tokenizer")
-    hf_config = transformers.AutoConfig.from_pretrained(str(run.local / "model"))
-    m = config.model
-    abstract = nnx.eval_shape(lambda: hf.from_config(hf_config, dtype=m.dtype, param_dtype=m.param_dtype, seed=0))
-    graphdef, params, rest = split_model(abstract)
-    checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
-    if which == "best" and checkpoints.best.latest_step() is not None:
-        params, _ = checkpoints.restore_best(params)
-    else:
-        optimizer = optimizer_for(config.train)
-        state_like = jax.eval_shape(lambda: init_train_state(params, rest, optimizer, seed=0))
-        params = checkpoints.restore(state_like)[0].params
-    checkpoints.close()
-    return nnx.merge(graphdef, params, rest), tokenizer, config
-
-
-def make_curriculum(config: Config, n_train: int) -> Curriculum:
-    """The run's curriculum (schedule, smoothing, resets, length skip) from its config and training-set size."""
-    t = config.train
-    schedule = Schedule(num_examples=n_train, batch_size=t.batch_size, remove_per_epoch=t.remove_per_epoch,
-                        pretrain_epochs=t.pretrain_epochs, remove_start_from=t.remove_start_from,
-                        remove_all_when_remove_beyond=t.remove_all_when_remove_beyond)
-    return Curriculum(schedule=schedule, mode=t.mode, smoothing_lambda=t.removal_smoothing_lambda,
-                      reset_optimizer=t.reset_optimizer, seed=t.seed, max_len_train=t.max_len_train)
-
-
-def make_widths(config: Config, curriculum: Curriculum, loader: BatchLoader) -> Widths:
-    """The run's output widths (``train.length_buckets`` or chosen from the data; see
-    :func:`icot_jax.train.widths.plan_widths`), the same on every host."""
-    t = config.train
-    loader = global_view(loader)
-    return plan_widths(curriculum, loader, loader.steps_per_epoch * t.epochs, multiple=t.length_multiple,
-                       buckets=t.length_buckets)
-
-
-@dataclasses.dataclass
-class Trainer:
-    """What a run trains with: data, the compiled step, the initial state, curriculum and loader."""
-
-    data: RunData
-    setup: parallel.Setup
-    graphdef: Any
-    step: TrainStep
-    state: TrainState
-    curriculum: Curriculum
-    loader: BatchLoader
-    widths: Widths
-    """Output widths of the train step (one compilation each)."""
-
-
-def _check_position_table(model_config: Any, width: int, shift: int) -> None:
-    """A learned position table must hold the longest training row plus ``train.random_position_shift``
-    (JAX clamps out-of-range gathers silently)."""
-    n_positions = getattr(model_config, "n_positions", None)
-    if n_positions is not None and width + shift > n_positions:
-        raise ValueError(f"training rows of {width} tokens shifted by up to train.random_position_shift={shift} "
-                         f"need {width + shift} positions; the model has {n_positions} (model.overrides.n_positions)")
-
-
-def build_trainer(config: Config, run_dir: Path) -> Trainer:
-    """Prepare data and model and build the train step and a fresh train state for ``config``."""
-    t = config.train
-    setup = parallel.setup(config.mesh)
-    setup.check_batch_size(t.batch_size // t.accumulate_steps, "train.batch_size / train.accumulate_steps")
-    setup.check_batch_size(config.eval.batch_size, "eval.batch_size")
-    data = prepare_data(config, run_dir)
-    optimizer = optimizer_for(t)
-    graphdef, state = build_state(config, data.tokenizer, run_dir, setup, optimizer)
-    _check_position_table(nnx.merge(graphdef, state.params, state.rest).config, data.train.buckets[-1],
-                          t.random_position_shift)
-    step = TrainStep(graphdef, optimizer, StepConfig(pad_id=data.train.pad_id, side=t.removal_side,
-                                                     keep_position=t.keep_position,
-                                                     accumulate_steps=t.accumulate_steps,
-                                                     random_position_shift=t.random_position_shift),
-                     state_sharding=setup.shardings(state), batch_sharding=setup.batch_sharding)
-    curriculum = make_curriculum(config, len(data.train))
-    loader = BatchLoader(data.train, t.batch_size, seed=t.seed, **setup.host_rows(t.batch_size))
-    return Trainer(data=data, setup=setup, graphdef=graphdef, step=step, state=state, curriculum=curriculum,
-                   loader=loader, widths=make_widths(config, curriculum, loader))
+from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
+from icot_jax.loop.logs import MetricsLog, plot_run
+from icot_jax.loop.session import RunSession
+from icot_jax.removal import Curriculum
+from icot_jax.train.step import TrainState, model_from_state
+from icot_jax.train.teacher_forced import teacher_forced
 
 
 def default_run_dir(config: Config) -> str:
@@ -238,31 +65,6 @@ def is_new_best(best_accuracy: float | None, accuracy: float, *, reset: bool) ->
     return reset or best_accuracy is None or accuracy > best_accuracy
 
 
-def teacher_forced(step: TrainStep, state: TrainState, data: EncodedDataset, n_remove_fn, batch_size: int, *,
-                   setup: parallel.Setup | None = None, widths: Widths | None = None) -> dict:
-    """Token-mean loss, token accuracy and perplexity on ``data`` with ``n_remove_fn(B)`` counts.
-
-    Each batch runs at the smallest of ``widths`` that holds it after removal (the stored width when
-    none does: evaluation never skips a batch); without ``widths``, at its length after removal rounded
-    up to a multiple of 8 (one compilation per width met). Every host reads whole batches;
-    with ``setup`` they are placed on its mesh (needed across hosts).
-    """
-    loader = BatchLoader(data, batch_size, shuffle=False, process_index=0, process_count=1)
-    totals = np.zeros(3)
-    for batch in loader.iter_epoch(0):
-        n_remove = n_remove_fn(batch_size)
-        stored = batch["input_ids"].shape[1]
-        length = reference_batch_length(batch["seps"], n_remove, batch["example_mask"])
-        width = min(round_up(length, 8), stored) if widths is None else widths.width_or(length, stored)
-        if setup is not None:
-            batch, n_remove = setup.put(batch, n_remove, whole=True)
-        out = step.evaluate(state, batch, n_remove, width)
-        totals += [float(out["loss_sum"]), float(out["n_correct"]), float(out["n_target_tokens"])]
-    loss = totals[0] / max(totals[2], 1)
-    return {"val_loss": float(loss), "val_token_accuracy": float(totals[1] / max(totals[2], 1)),
-            "val_ppl": math.exp(min(loss, 50))}
-
-
 def generation_metrics(evaluator, model, prefix: str, position_gap=None) -> dict:
     """Greedy-decoding exact match and speed of ``model`` (see ``icot_jax.generate``), keys prefixed."""
     result = evaluator(model, position_gap)
@@ -272,14 +74,6 @@ def generation_metrics(evaluator, model, prefix: str, position_gap=None) -> dict
 
 # ----------------------------------------------------------------------------------------------------
 # The loop
-
-
-def global_view(loader: BatchLoader) -> BatchLoader:
-    """A loader of whole global batches (the loader itself on a single host)."""
-    if loader.process_count == 1:
-        return loader
-    return BatchLoader(loader.data, loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
-                       process_index=0, process_count=1)
 
 
 def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: BatchLoader, batch: dict,
@@ -331,13 +125,13 @@ def train(config: Config | None, *, resume_dir: str | Path | None = None, overri
     """Run (or resume) a training run; returns its summary (also written to ``run_dir/summary.json``).
 
     With ``resume_dir``, the run's saved ``config.yaml`` is used (with ``overrides`` of the keys in
-    :data:`icot_jax.train.resume.RESUMABLE_KEYS`) and training continues from the newest checkpoint exactly
+    :data:`icot_jax.loop.resume.RESUMABLE_KEYS`) and training continues from the newest checkpoint exactly
     as if it had never stopped. The run directory is locked against a second process; a new run whose
     setup fails leaves nothing behind. SIGTERM or a first Ctrl-C saves a checkpoint and returns with
     ``summary["interrupted"] = True``. A non-finite loss or parameter raises :class:`TrainingDiverged` after
     writing ``summary.json`` (``diverged: true``) and keeping only checkpoints known to be good.
     """
-    parallel.initialize_distributed()  # before anything asks JAX about devices or processes
+    sharding.initialize_distributed()  # before anything asks JAX about devices or processes
     url = resume_dir if resume_dir is not None else config.run_dir or default_run_dir(config)
     session = RunSession.open(url, resumed=resume_dir is not None)
     try:
@@ -357,10 +151,11 @@ def _train(session: RunSession, progress: bool) -> dict:
     writer = jax.process_index() == 0
     t = config.train
     trainer = build_trainer(config, run_dir)
+    trainer.hf_config.save_pretrained(str(run_dir / "model"))
     data, setup, graphdef, step_fn, state = trainer.data, trainer.setup, trainer.graphdef, trainer.step, trainer.state
     curriculum, loader, widths = trainer.curriculum, trainer.loader, trainer.widths
     del trainer  # the train step donates the state's buffers: keep no other reference
-    global_loader = global_view(loader)
+    global_loader = loader.global_view()
     total = loader.steps_per_epoch * t.epochs
     max_cot = int(data.train.cot_lengths.max())
     checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
@@ -392,10 +187,10 @@ def _train(session: RunSession, progress: bool) -> dict:
         record: dict = {"step": batch_index, "epoch": schedule_state.epoch}
         if data.valid is None:
             return record
-        record.update(teacher_forced(step_fn, state, data.valid,
+        record.update(teacher_forced(step_fn.eval_step, state.params, state.rest, data.valid,
                                      lambda b: curriculum.eval_n_remove(batch_index - 1, b, schedule_state),
                                      config.eval.batch_size, setup=setup, widths=widths))
-        eval_model = nnx_merge(graphdef, state)
+        eval_model = model_from_state(graphdef, state)
 
         def gaps(split: EncodedDataset):
             """keep_position: generated tokens continue at the positions they had before the removal."""
@@ -500,10 +295,3 @@ def _train(session: RunSession, progress: bool) -> dict:
     if diverged is not None:
         raise diverged
     return summary
-
-
-def nnx_merge(graphdef, state: TrainState):
-    """The NNX model holding the current parameters of ``state`` (no copy)."""
-    from flax import nnx
-
-    return nnx.merge(graphdef, state.params, state.rest)
