@@ -7,11 +7,12 @@ model set the pace. After pretraining, the scheduled count advances
 
 * **recovered**: once at least ``min_steps`` batches have trained at the current count and the running
   mean of the training token accuracy over the last ``window`` logged batches at this count has reached
-  ``recovery`` times its level just before the last advance (the *baseline*); the first advance after
-  pretraining has no removal to recover from and only waits ``min_steps`` and a full window;
-* **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not. Such
-  a forced advance keeps the baseline, so a model that never got back to its level does not lower the
-  bar for the next token: it has to recover to the level it last really reached, or gets ``max_steps``.
+  ``recovery`` times the *baseline*: the highest running mean at any earlier advance, i.e. the best
+  level the model had before a removal. The bar never falls: if each advance only reset it to the level
+  just reached, a model that regains 0.99 of its level at each token would lose 1% per token and the
+  schedule would speed up as the model degrades (measured on 2x2: docs/RESULTS.md). The first advance
+  after pretraining has no removal to recover from and only waits ``min_steps`` and a full window;
+* **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not.
 
 A recovery that is already complete at the first check (the first time both conditions can be judged)
 advances by twice the tokens of the last advance, up to ``max_tokens_per_advance``; any other advance
@@ -47,8 +48,8 @@ class AdaptiveState:
     since: int
     """The first batch at this count (the end of pretraining before the first advance)."""
     baseline: float | None = None
-    """What recovery is judged against: the running mean just before the last advance that was not forced
-    by ``max_steps`` (``None`` before the first advance)."""
+    """What recovery is judged against: the highest running mean at any advance so far (``None`` before
+    the first advance)."""
     level: float | None = None
     """The running mean when the count last advanced (``None`` before the first advance, or when no
     accuracy had been logged at the count)."""
@@ -126,9 +127,7 @@ class AdaptiveRule:
         trained = step + 1 - state.since
         if trained >= self.max_steps:
             level = sum(recent) / len(recent) if recent else None
-            # A forced advance keeps the baseline: the model has not got back to its level yet.
-            baseline = level if state.baseline is None else state.baseline
-            return self._advance(state, step + 1, 1, "max_steps", level, baseline)
+            return self._advance(state, step + 1, 1, "max_steps", level)
         if token_accuracy is None or trained < self.min_steps or len(recent) < self.window:
             return dataclasses.replace(state, recent=recent)
         level = sum(recent) / len(recent)
@@ -136,10 +135,10 @@ class AdaptiveRule:
             return dataclasses.replace(state, recent=recent, checks=state.checks + 1)
         immediate = state.baseline is not None and state.checks == 0
         tokens = min(2 * state.tokens, self.max_tokens_per_advance) if immediate else 1
-        return self._advance(state, step + 1, tokens, "recovered", level, level)
+        return self._advance(state, step + 1, tokens, "recovered", level)
 
-    def _advance(self, state: AdaptiveState, since: int, tokens: int, reason: str, level: float | None,
-                 baseline: float | None) -> AdaptiveState:
+    def _advance(self, state: AdaptiveState, since: int, tokens: int, reason: str, level: float | None) -> AdaptiveState:
+        baseline = max((x for x in (state.baseline, level) if x is not None), default=None)
         scheduled = state.scheduled + tokens
         if self.longest_cot is not None:
             scheduled = min(scheduled, max(self.longest_cot, state.scheduled))

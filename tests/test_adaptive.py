@@ -167,3 +167,13 @@ def test_count_spans_read_the_advances_or_the_logged_counts():
     logged = [{"step": s, "loss": 0.0, "scheduled_to_remove": k, "mean_cot_left": left}
               for s, k, left in [(10, 0, 4), (20, 0, 4), (30, 1, 3), (40, 1, 3), (50, 2, 2), (60, 5, 0), (70, 6, 0)]]
     assert count_spans(logged) == [(0, 20, None), (1, 20, None), (2, 10, None)]
+
+
+def test_the_bar_never_falls_below_the_best_level_reached():
+    rule = AdaptiveRule(SCHEDULE, window=1, recovery=0.9, min_steps=3, max_steps=7)
+    levels = {0: 0.9, 1: 1.0, 2: 0.95, 3: 0.88}  # 0.88 >= 0.9 * 0.95, but < 0.9 * 1.0
+
+    _, records = run(rule, lambda step, state: levels.get(state.scheduled, 1.0), 40)
+    assert sizes(records)[:4] == [(0, 1, 3), (1, 1, 3), (2, 1, 3), (3, 1, 7)]
+    assert [r["baseline"] for r in records[:5]] == [None, 0.9, 1.0, 1.0, 1.0]
+    assert records[3]["schedule_advance"] == "max_steps"
