@@ -80,7 +80,7 @@ class AdaptiveRule:
     """The run's fixed schedule, for its epoch length, pretraining, start count and remove-all threshold
     (its Δ is not used)."""
     window: int = 4
-    recovery: float = 0.99
+    recovery: float = 0.98
     min_steps: int = 200
     max_steps: int = 3000
     max_tokens_per_advance: int = 1

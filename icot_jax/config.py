@@ -104,7 +104,7 @@ class TrainConfig:
     guides the choice of output widths. The ``adaptive_*`` keys are its parameters."""
     adaptive_window: int = 4
     """Running mean of the token accuracy over this many logged batches (``log_every_steps`` apart)."""
-    adaptive_recovery: float = 0.99
+    adaptive_recovery: float = 0.98
     """Recovered: that mean reaches this fraction of its level just before the last advance."""
     adaptive_min_steps: int = 200
     """Steps at each count before it may advance."""
