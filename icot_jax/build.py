@@ -188,7 +188,7 @@ def configure_model(model: nnx.Module, mesh: MeshConfig) -> nnx.Module:
     """``model`` with ``mesh.remat``, ``mesh.scan_layers`` and ``mesh.materialize_cotangents`` applied (in
     place; returned). None changes a parameter or its path, only the graphdef, so checkpoints, Hugging
     Face key maps and sharding rules are unaffected."""
-    model = sharding.apply_remat(model, mesh.remat).set_scan_layers(mesh.scan_layers)
+    model = model.set_remat(mesh.remat).set_scan_layers(mesh.scan_layers)
     return model.set_materialize_cotangents(mesh.materialize_cotangents)
 
 

@@ -206,6 +206,11 @@ class StepPlan:
     skip: bool = False
     """``batch_length`` exceeds the curriculum's ``max_len_train``: the batch is not trained on (the
     schedule has still advanced past it, as in the reference)."""
+    resets_best: bool = False
+    """The reference's best-score reset: an evaluation after this batch counts as the new best whatever its
+    accuracy, because the model is still changing task. The reference sets the flag at *every* batch that
+    still has CoT after removal, but only where its removal code runs (something scheduled, or smoothing
+    on): a run that never removes anything keeps its highest accuracy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +296,13 @@ class Curriculum:
             reset_optimizer=self.reset_optimizer and state.advanced and prev_cot_left,
             batch_length=batch_length,
             skip=self.max_len_train is not None and batch_length > self.max_len_train,
+            resets_best=cot_left and (state.scheduled_to_remove > 0 or self._smoothing),
         )
+
+    @property
+    def _smoothing(self) -> bool:
+        """Removal smoothing is on (``icot`` mode with a finite λ)."""
+        return self.mode == "icot" and not math.isinf(self.smoothing_lambda)
 
     def fewest_removed(self) -> int:
         """The smallest count any batch of the run removes from a row (before clipping to its CoT): the

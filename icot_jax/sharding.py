@@ -26,10 +26,9 @@ Typical use in a training loop::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -161,46 +160,6 @@ def shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] = LOGICAL_RUL
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(sharding_of, tree, is_leaf=_is_variable)
-
-
-# ----------------------------------------------------------------------------------------------- remat
-
-
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # save only each block's inputs; recompute the whole block in the backward pass
-    # Save the outputs of matmuls without batch dimensions (the weight projections) and recompute the rest,
-    # including the [B, heads, L, L] attention scores, whose einsums have batch dimensions.
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-@functools.cache
-def _remat_class(block_class: type, policy: str) -> type:
-    """``block_class`` with its call under ``nnx.remat`` while training (decoding with a cache is untouched)."""
-    checkpointed = nnx.remat(block_class.__call__, policy=REMAT_POLICIES[policy])
-
-    def __call__(self, x, position_ids, mask, layer_cache, cache_index, dropout_key):
-        call = block_class.__call__ if layer_cache is not None else checkpointed
-        return call(self, x, position_ids, mask, layer_cache, cache_index, dropout_key)
-
-    name = f"Remat{policy.title()}{block_class.__name__}"
-    return type(name, (block_class,), {"__call__": __call__, "__module__": __name__, "__qualname__": name})
-
-
-def apply_remat(model: nnx.Module, policy: str) -> nnx.Module:
-    """Rematerialise each transformer block of ``model`` (``mesh.remat``: ``none``, ``full`` or ``dots``).
-
-    The blocks keep their parameters and paths (checkpoints and Hugging Face key maps are unaffected);
-    only their class becomes a subclass whose call runs under ``nnx.remat``, so the activations inside a
-    block are recomputed in the backward pass instead of stored. Returns ``model`` (changed in place).
-    """
-    if policy == "none":
-        return model
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"mesh.remat={policy!r}; expected none, {', '.join(REMAT_POLICIES)}")
-    for block in model.blocks:
-        block.__class__ = _remat_class(type(block), policy)
-    return model
 
 
 # --------------------------------------------------------------------------------------------- batches

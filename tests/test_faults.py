@@ -21,7 +21,9 @@ from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
 from icot_jax.loop.lock import RunDirLocked, RunLock
 from icot_jax.loop.logs import read_metrics
 from icot_jax.loop.resume import read_config_history
-from icot_jax.loop.training import _Preemption, is_new_best, resets_best, train
+from icot_jax.loop.preemption import Preemption
+from icot_jax.loop.state import is_new_best
+from icot_jax.loop.training import train
 from icot_jax.removal import Curriculum, Schedule
 
 
@@ -57,7 +59,7 @@ def test_a_second_process_is_refused_and_ctrl_c_saves_and_prints_the_resume_comm
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-    preemption = _Preemption("RUN")
+    preemption = Preemption("RUN")
     try:
         signal.raise_signal(signal.SIGINT)
         assert preemption.requested and preemption.signal == signal.SIGINT
@@ -195,7 +197,7 @@ def _best_marks(curriculum: Curriculum, cot_tokens: int, accuracies: list[float]
     best, reset, marks = None, False, []
     for epoch, accuracy in enumerate(accuracies):
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-            reset = reset or resets_best(curriculum, curriculum.plan(step, seps, np.array([True])))
+            reset = reset or curriculum.plan(step, seps, np.array([True])).resets_best
         marks.append(is_new_best(best, accuracy, reset=reset))
         best, reset = accuracy if marks[-1] else best, False
     return marks

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from icot_jax.config import DEMO_CONFIG, ConfigError, load_config
-from icot_jax.loop.training import is_new_best, train
+from icot_jax.loop.state import is_new_best
+from icot_jax.loop.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -130,40 +129,6 @@ def test_unknown_logical_axis_is_an_error():
 def test_scan_layers_reaches_the_model():
     model = build.configure_model(make_model(), MeshConfig(scan_layers=True))
     assert model.scan_layers  # tests/test_scan_layers.py checks the math
-
-
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_changes_memory_not_math(policy):
-    from flax import nnx
-
-    from icot_jax.train.step import split_model
-
-    graphdef, params, rest = split_model(make_model())
-    remat_graphdef, remat_params, _ = split_model(sharding.apply_remat(make_model(), policy))
-    assert jax.tree.structure(remat_params) == jax.tree.structure(params)  # same paths: checkpoints load
-    batch, _ = synthetic_batch(0)
-    positions = np.broadcast_to(np.arange(LENGTH), (ROWS, LENGTH))
-    weights = np.random.default_rng(0).normal(size=(ROWS, LENGTH, 101)).astype(np.float32)
-
-    def objective(params, graphdef):
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(batch["input_ids"], positions, batch["input_ids"] != PAD_ID, dropout_key=jax.random.key(1))
-        return (logits * weights).sum()
-
-    grad = jax.value_and_grad(objective)
-    expected, got = grad(params, graphdef), grad(params, remat_graphdef)
-    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
-    for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)  # recomputation fuses differently
-    forward = jax.make_jaxpr(objective, static_argnums=1)
-    remat_calls = re.compile(r"= remat\w*\[")  # jax.checkpoint's primitive
-    assert len(remat_calls.findall(str(forward(params, remat_graphdef)))) == 2  # one per block
-    assert not remat_calls.search(str(forward(params, graphdef)))
-
-
-def test_unknown_remat_policy_names_the_key():
-    with pytest.raises(ValueError, match="mesh.remat='some'"):
-        sharding.apply_remat(make_model(), "some")
 
 
 def test_initialize_distributed_needs_all_three_settings(monkeypatch):

@@ -3,19 +3,19 @@
 The host decides everything about a batch (its rows, its removal counts, whether the optimizer resets,
 whether the batch is skipped for length) from pure functions of (seed, global batch index), so a run
 resumed from a checkpoint replays exactly what the uninterrupted run would have done. The device sees
-one compiled train step for the whole run.
+one compiled train step per output width for the whole run.
 
-Resume bookkeeping lives in the checkpoint's JSON ``meta``: ``batch_index`` (next global batch to run),
-``prev_cot_left`` (the reset rule looks one batch back), and the best-score state.
+:func:`train` claims the run directory and runs a :class:`TrainingRun`: one batch at a time
+(:meth:`TrainingRun.train_batch`), then the periodic actions, each a small named method: log, evaluate,
+checkpoint (which also pushes to the bucket), stop on preemption. Where the run stands is a frozen
+:class:`~icot_jax.loop.state.LoopState`, saved with every checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
-import math
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -31,49 +31,19 @@ from icot_jax.data.tokenize import EncodedDataset
 from icot_jax.generate import DecodeSettings, GenerationEvaluator, keep_position_gaps
 from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
 from icot_jax.loop.logs import MetricsLog, plot_run
+from icot_jax.loop.preemption import Preemption
 from icot_jax.loop.session import RunSession
-from icot_jax.removal import Curriculum
-from icot_jax.train.step import TrainState, model_from_state
+from icot_jax.loop.state import LoopState
+from icot_jax.removal import Curriculum, StepPlan
+from icot_jax.train.step import model_from_state
 from icot_jax.train.teacher_forced import teacher_forced
+
+__all__ = ["TrainingDiverged", "TrainingRun", "default_run_dir", "plan_batch", "train"]
 
 
 def default_run_dir(config: Config) -> str:
     """``runs/<name>/<UTC timestamp>``."""
     return str(Path("runs") / config.name / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def resets_best(curriculum: Curriculum, plan) -> bool:
-    """Whether batch ``plan`` resets the best score, as the reference's ``train.py`` does.
-
-    The reference resets it at *every* batch that still has CoT after removal (the flag is set inside its
-    batch loop and read at the next evaluation), so an evaluation after an epoch in which any batch had
-    CoT is always the new best: the model is still changing task. Its removal code, and with it the reset,
-    only runs when something is scheduled or smoothing is on: a run that never removes anything (λ = ∞,
-    nothing scheduled, e.g. ``train.mode: explicit``) keeps its highest accuracy.
-    """
-    smoothing = curriculum.mode == "icot" and not math.isinf(curriculum.smoothing_lambda)
-    return plan.cot_left and (plan.schedule.scheduled_to_remove > 0 or smoothing)
-
-
-def is_new_best(best_accuracy: float | None, accuracy: float, *, reset: bool) -> bool:
-    """The reference's best-checkpoint rule: after a reset (:func:`resets_best` since the last evaluation)
-    every accuracy is the new best; otherwise only a strictly higher one is."""
-    return reset or best_accuracy is None or accuracy > best_accuracy
-
-
-def generation_metrics(evaluator, model, prefix: str, position_gap=None) -> dict:
-    """Greedy-decoding exact match and speed of ``model`` (see ``icot_jax.generate``), keys prefixed."""
-    result = evaluator(model, position_gap)
-    return {f"{prefix}_accuracy": result.accuracy, f"{prefix}_examples_per_s": result.examples_per_second,
-            f"{prefix}_mean_generated_tokens": result.mean_generated_tokens}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
 
 
 def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: BatchLoader, batch: dict,
@@ -91,33 +61,11 @@ def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: Batch
     return plan, plan.n_remove[first:first + loader.rows_per_host]
 
 
-class _Preemption:
-    """Turns SIGTERM (TPU preemption notice) and a first Ctrl-C (SIGINT) into a request that the loop honours
-    between batches: save a checkpoint, then stop. A second Ctrl-C aborts at once, without saving."""
-
-    def __init__(self, run_url: str):
-        self.run_url = run_url
-        self.signal: signal.Signals | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    @property
-    def requested(self) -> bool:
-        """A stop was requested."""
-        return self.signal is not None
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal is not None:
-            sys.stderr.write(f"\nsecond Ctrl-C: aborting without saving; `icot train --resume {self.run_url}` "
-                             "continues from the newest checkpoint\n")
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum)
-        if signum == signal.SIGINT:
-            sys.stderr.write("\nCtrl-C: saving a checkpoint after this batch, then stopping "
-                             "(Ctrl-C again aborts without saving)\n")
-
-    def restore(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+def generation_metrics(evaluator, model, prefix: str, position_gap=None) -> dict:
+    """Greedy-decoding exact match and speed of ``model`` (see ``icot_jax.generate``), keys prefixed."""
+    result = evaluator(model, position_gap)
+    return {f"{prefix}_accuracy": result.accuracy, f"{prefix}_examples_per_s": result.examples_per_second,
+            f"{prefix}_mean_generated_tokens": result.mean_generated_tokens}
 
 
 def train(config: Config | None, *, resume_dir: str | Path | None = None, overrides: list[str] = (),
@@ -136,162 +84,252 @@ def train(config: Config | None, *, resume_dir: str | Path | None = None, overri
     session = RunSession.open(url, resumed=resume_dir is not None)
     try:
         session.settle_config(config, list(overrides))
-        return _train(session, progress)
+        run = TrainingRun(session, progress=progress)
+        diverged = None
+        try:
+            while run.loop.step < run.total and not run.stopped:
+                run.train_batch()
+        except TrainingDiverged as error:
+            diverged = error
+        finally:
+            run.close()
+        summary = run.finish(diverged)
     except BaseException:
         session.abandon()
         raise
     finally:
         session.release()
-
-
-def _train(session: RunSession, progress: bool) -> dict:
-    """The body of :func:`train` in a claimed run directory."""
-    run, config = session.run, session.config
-    run_dir = run.local
-    writer = jax.process_index() == 0
-    t = config.train
-    trainer = build_trainer(config, run_dir)
-    trainer.hf_config.save_pretrained(str(run_dir / "model"))
-    data, setup, graphdef, step_fn, state = trainer.data, trainer.setup, trainer.graphdef, trainer.step, trainer.state
-    curriculum, loader, widths = trainer.curriculum, trainer.loader, trainer.widths
-    del trainer  # the train step donates the state's buffers: keep no other reference
-    global_loader = loader.global_view()
-    total = loader.steps_per_epoch * t.epochs
-    max_cot = int(data.train.cot_lengths.max())
-    checkpoints = RunCheckpoints(run.url, keep=config.checkpoint.keep)
-    rule = adaptive.rule_for(t, curriculum.schedule, longest_cot=max_cot)  # None: the fixed schedule
-    meta = {"batch_index": 0, "prev_cot_left": True, "best_accuracy": None, "best_step": None, "best_reset": False,
-            "skipped_batches": 0, "adaptive": rule.initial().to_json() if rule else None}
-    guard = DivergenceGuard(checkpoints, run.url, t.lr)
-    if session.resumed:
-        state, meta = session.resume_state(checkpoints, state, meta)
-        guard.saved(checkpoints.latest_step())  # its first loss tells whether the restored state is good
-    schedule = adaptive.AdaptiveState.from_json(meta["adaptive"]) if rule else None
-    log = MetricsLog(run_dir, resume_step=meta["batch_index"]) if writer else None
-    preemption = _Preemption(run.url)
-    bar = tqdm(total=total, initial=meta["batch_index"], disable=not progress or not writer,
-               desc=config.name, dynamic_ncols=True)
-    summary = {"run_dir": run.url, "interrupted": False}
-    # One evaluator per split: each compiles its decoder once for the whole run.
-    decode = DecodeSettings(max_new_tokens=config.eval.max_new_tokens)
-    evaluators = {name: GenerationEvaluator(data.tokenizer, split, batch_size=config.eval.batch_size,
-                                            settings=decode, join=config.data.join, progress=False)
-                  for name, split in (("val", data.valid), ("test", data.test)) if split is not None}
-
-    def log_record(record: dict) -> None:
-        if log is not None:
-            log.write(record)
-
-    def evaluate(batch_index: int, state: TrainState, schedule_state) -> dict:
-        """Validation at the end of batch ``batch_index - 1``: teacher forcing, generation, best logic."""
-        record: dict = {"step": batch_index, "epoch": schedule_state.epoch}
-        if data.valid is None:
-            return record
-        record.update(teacher_forced(step_fn.eval_step, state.params, state.rest, data.valid,
-                                     lambda b: curriculum.eval_n_remove(batch_index - 1, b, schedule_state),
-                                     config.eval.batch_size, setup=setup, widths=widths))
-        eval_model = model_from_state(graphdef, state)
-
-        def gaps(split: EncodedDataset):
-            """keep_position: generated tokens continue at the positions they had before the removal."""
-            if not config.train.keep_position:
-                return None
-            return keep_position_gaps(split, curriculum.eval_n_remove(batch_index - 1, len(split), schedule_state))
-
-        record.update(generation_metrics(evaluators["val"], eval_model, "val", gaps(data.valid)))
-        new_best = is_new_best(meta["best_accuracy"], record["val_accuracy"], reset=meta["best_reset"])
-        meta["best_reset"] = False
-        if new_best:
-            meta.update(best_accuracy=record["val_accuracy"], best_step=batch_index)
-            record["is_best"] = True
-            checkpoints.save_best(batch_index, state.params, {"step": batch_index, **record})
-            if data.test is not None:
-                record.update(generation_metrics(evaluators["test"], eval_model, "test", gaps(data.test)))
-        return record
-
-    start = time.time()
-    last_plan = None
-    diverged: TrainingDiverged | None = None
-    session.start(meta["batch_index"])
-    try:
-        while meta["batch_index"] < total:
-            batch_index = meta["batch_index"]
-            epoch, step_in_epoch = divmod(batch_index, loader.steps_per_epoch)
-            batch = loader.batch(epoch, step_in_epoch)
-            plan, n_remove = plan_batch(curriculum, loader, global_loader, batch, epoch, step_in_epoch,
-                                        batch_index, prev_cot_left=meta["prev_cot_left"],
-                                        scheduled=rule.at(schedule, batch_index) if rule else None)
-            last_plan = plan
-            meta["best_reset"] = meta["best_reset"] or resets_best(curriculum, plan)
-            if plan.reset_optimizer:
-                state = step_fn.reset_optimizer(state)
-            metrics = None
-            if plan.skip:
-                meta["skipped_batches"] += 1
-            else:
-                state, metrics = step_fn(state, *setup.put(batch, n_remove), widths.width(plan.batch_length))
-            meta.update(batch_index=batch_index + 1, prev_cot_left=plan.cot_left)
-            end_of_epoch = meta["batch_index"] % loader.steps_per_epoch == 0
-            logged = metrics is not None and (batch_index % config.log_every_steps == 0 or end_of_epoch)
-            if logged or end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or guard.wants_loss:
-                if metrics is not None:
-                    metrics = guard.check_loss(metrics, batch_index)
-            if logged:
-                scheduled = max_cot if plan.schedule.remove_all else int(plan.schedule.scheduled_to_remove)
-                log_record({"step": batch_index + 1, "epoch": epoch, "scheduled_to_remove": scheduled,
-                            "remove_all": plan.schedule.remove_all, "reset_optimizer": plan.reset_optimizer,
-                            **metrics, "skipped_batches": meta["skipped_batches"], "elapsed_s": time.time() - start})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}",
-                                remove="all" if plan.schedule.remove_all else scheduled)
-            if rule is not None:  # decides on the metrics read above: no extra device round trip
-                before, schedule = schedule, rule.observe(schedule, batch_index,
-                                                          metrics["token_accuracy"] if logged else None)
-                meta["adaptive"] = schedule.to_json()
-                if (record := adaptive.advance_record(before, schedule)) is not None:
-                    log_record(record)
-            bar.update(1)
-            every = config.eval.every_steps
-            scheduled_eval = end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0
-            last_batch = meta["batch_index"] == total  # the run's final state is always evaluated
-            if scheduled_eval or last_batch or (every and meta["batch_index"] % every == 0):
-                record = evaluate(meta["batch_index"], state, plan.schedule)
-                if "val_accuracy" in record:
-                    log_record(record)
-                summary["last_eval"] = record
-                if "val_accuracy" in record:
-                    bar.write(f"step {meta['batch_index']}: val_accuracy {record['val_accuracy']:.4f}")
-            if end_of_epoch or meta["batch_index"] % config.checkpoint.every_steps == 0 or preemption.requested:
-                guard.check_params(state.params, meta["batch_index"])
-                checkpoints.save(meta["batch_index"], state, dict(meta))
-                guard.saved(meta["batch_index"])
-                if writer:
-                    run.push()  # metrics and other small files follow the checkpoints to the bucket
-            if preemption.requested:
-                summary.update(interrupted=True, signal=preemption.signal.name)
-                bar.write(f"{preemption.signal.name}: saved step {meta['batch_index']} to {run.url}; resume with "
-                          f"`icot train --resume {run.url}`")
-                break
-    except TrainingDiverged as error:
-        diverged = error
-    finally:
-        preemption.restore()
-        bar.close()
-        checkpoints.wait()
-        checkpoints.close()
-        if log is not None:
-            log.close()
-    summary.update(steps=meta["batch_index"], best_accuracy=meta["best_accuracy"], best_step=meta["best_step"],
-                   train_step_compiles=step_fn.compiles, length_buckets=list(widths.buckets),
-                   expected_padding=widths.padding, skipped_batches=meta["skipped_batches"],
-                   seconds=time.time() - start,
-                   final_remove_all=bool(last_plan and last_plan.schedule.remove_all), diverged=diverged is not None)
-    if diverged is not None:
-        summary.update(diverged_at_step=diverged.step, last_good_step=diverged.good_step)
-    if writer:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if (run_dir / "metrics.jsonl").exists() and not summary["interrupted"]:
-            plot_run(run_dir / "metrics.jsonl", run_dir / "curriculum.png", title=config.name)
-        run.push()
     if diverged is not None:
         raise diverged
     return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Tick:
+    """One batch as the periodic actions see it, once it has been trained (or skipped)."""
+
+    plan: StepPlan
+    metrics: dict | None
+    """The step's metrics (device scalars until read); ``None`` for a skipped batch."""
+    epoch: int
+    end_of_epoch: bool
+
+
+class TrainingRun:
+    """One training run in a claimed run directory: what it trains with, where it stands (:attr:`loop`),
+    and the periodic actions after each batch."""
+
+    def __init__(self, session: RunSession, *, progress: bool = True):
+        self.session, self.config, self.run = session, session.config, session.run
+        self.writer = jax.process_index() == 0
+        trainer = build_trainer(self.config, self.run.local)
+        trainer.hf_config.save_pretrained(str(self.run.local / "model"))
+        self.data, self.setup, self.graphdef = trainer.data, trainer.setup, trainer.graphdef
+        self.step_fn, self.curriculum, self.widths = trainer.step, trainer.curriculum, trainer.widths
+        self.loader, self.global_loader = trainer.loader, trainer.loader.global_view()
+        self.state = trainer.state
+        del trainer  # the train step donates the state's buffers: keep no other reference
+        self.total = self.loader.steps_per_epoch * self.config.train.epochs
+        self.max_cot = int(self.data.train.cot_lengths.max())
+        self.checkpoints = RunCheckpoints(self.run.url, keep=self.config.checkpoint.keep)
+        self.guard = DivergenceGuard(self.checkpoints, self.run.url, self.config.train.lr)
+        self.rule = adaptive.rule_for(self.config.train, self.curriculum.schedule, longest_cot=self.max_cot)
+        self.loop = LoopState(adaptive=self.rule.initial() if self.rule else None)
+        if session.resumed:
+            self._resume()
+        self._open_outputs(progress)
+        self.evaluators = self._evaluators()
+        self.start, self.last_plan, self.stopped = time.time(), None, False
+        session.start(self.loop.step)
+
+    def _resume(self) -> None:
+        state, meta = self.session.resume_state(self.checkpoints, self.state, self.loop.to_meta())
+        self.state, self.loop = state, LoopState.from_meta(meta)
+        self.guard.saved(self.checkpoints.latest_step())  # its first loss tells whether the restored state is good
+
+    def _open_outputs(self, progress: bool) -> None:
+        self.log = MetricsLog(self.run.local, resume_step=self.loop.step) if self.writer else None
+        self.preemption = Preemption(self.run.url)
+        self.bar = tqdm(total=self.total, initial=self.loop.step, disable=not progress or not self.writer,
+                        desc=self.config.name, dynamic_ncols=True)
+        self.summary = {"run_dir": self.run.url, "interrupted": False}
+
+    def _evaluators(self) -> dict[str, GenerationEvaluator]:
+        """One evaluator per split: each compiles its decoder once for the whole run."""
+        decode = DecodeSettings(max_new_tokens=self.config.eval.max_new_tokens)
+        splits = (("val", self.data.valid), ("test", self.data.test))
+        return {name: GenerationEvaluator(self.data.tokenizer, split, batch_size=self.config.eval.batch_size,
+                                          settings=decode, join=self.config.data.join, progress=False)
+                for name, split in splits if split is not None}
+
+    # -- one batch ------------------------------------------------------------------------------------
+
+    def train_batch(self) -> None:
+        """Plan the next batch, reset the optimizer if the plan says so, train on it unless the plan skips
+        it, then run the periodic actions."""
+        index = self.loop.step
+        epoch, in_epoch = divmod(index, self.loader.steps_per_epoch)
+        batch = self.loader.batch(epoch, in_epoch)
+        scheduled = self.rule.at(self.loop.adaptive, index) if self.rule else None  # None: the fixed schedule
+        plan, n_remove = plan_batch(self.curriculum, self.loader, self.global_loader, batch, epoch, in_epoch, index,
+                                    prev_cot_left=self.loop.prev_cot_left, scheduled=scheduled)
+        if plan.reset_optimizer:
+            self.state = self.step_fn.reset_optimizer(self.state)
+        metrics = None
+        if not plan.skip:
+            width = self.widths.width(plan.batch_length)
+            self.state, metrics = self.step_fn(self.state, *self.setup.put(batch, n_remove), width)
+        self.loop, self.last_plan = self.loop.after(plan), plan
+        tick = Tick(plan, metrics, epoch, end_of_epoch=self.loop.step % self.loader.steps_per_epoch == 0)
+        self.after_batch(tick)
+
+    def after_batch(self, tick: Tick) -> None:
+        """The periodic actions, in order: read and check the metrics, log, evaluate, checkpoint, stop."""
+        tick = self._checked(tick)
+        if self._log_due(tick):
+            self.log_step(tick)
+        if self.rule is not None:
+            self.advance_schedule(tick)
+        self.bar.update(1)
+        if self._eval_due(tick):
+            self.evaluate(tick)
+        if self._checkpoint_due(tick):
+            self.save_checkpoint()
+        if self.preemption.requested:
+            self.stop()
+
+    # -- when ---------------------------------------------------------------------------------------------
+
+    def _log_due(self, tick: Tick) -> bool:
+        return tick.metrics is not None and ((self.loop.step - 1) % self.config.log_every_steps == 0
+                                             or tick.end_of_epoch)
+
+    def _eval_due(self, tick: Tick) -> bool:
+        every, every_epochs = self.config.eval.every_steps, self.config.eval.every_epochs
+        scheduled = tick.end_of_epoch and (tick.epoch + 1) % every_epochs == 0
+        last = self.loop.step == self.total  # the run's final state is always evaluated
+        return scheduled or last or bool(every and self.loop.step % every == 0)
+
+    def _checkpoint_due(self, tick: Tick) -> bool:
+        return (tick.end_of_epoch or self.loop.step % self.config.checkpoint.every_steps == 0
+                or self.preemption.requested)
+
+    def _checked(self, tick: Tick) -> Tick:
+        """Read the metrics to the host (and check the loss is finite) when anything will use them, or
+        when the newest checkpoint waits for a loss to be called good; otherwise leave them on the device,
+        so the host runs ahead of it."""
+        wanted = self._log_due(tick) or tick.end_of_epoch or self._checkpoint_due(tick) or self.guard.wants_loss
+        if tick.metrics is None or not wanted:
+            return tick
+        return dataclasses.replace(tick, metrics=self.guard.check_loss(tick.metrics, self.loop.step - 1))
+
+    # -- what -----------------------------------------------------------------------------------------------
+
+    def log_step(self, tick: Tick) -> None:
+        """One line of ``metrics.jsonl`` (and TensorBoard) for the batch, and the progress bar's numbers."""
+        schedule = tick.plan.schedule
+        scheduled = self.max_cot if schedule.remove_all else int(schedule.scheduled_to_remove)
+        self._write({"step": self.loop.step, "epoch": tick.epoch, "scheduled_to_remove": scheduled,
+                     "remove_all": schedule.remove_all, "reset_optimizer": tick.plan.reset_optimizer,
+                     **tick.metrics, "skipped_batches": self.loop.skipped_batches,
+                     "elapsed_s": time.time() - self.start})
+        self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
+                             remove="all" if schedule.remove_all else scheduled)
+
+    def advance_schedule(self, tick: Tick) -> None:
+        """The adaptive schedule decides the next batch's count from this batch's token accuracy when it was
+        logged (read already: no extra device round trip); an advance gets its own ``metrics.jsonl`` line."""
+        seen = tick.metrics["token_accuracy"] if self._log_due(tick) else None
+        before = self.loop.adaptive
+        self.loop = dataclasses.replace(self.loop, adaptive=self.rule.observe(before, self.loop.step - 1, seen))
+        record = adaptive.advance_record(before, self.loop.adaptive)
+        if record is not None:
+            self._write(record)
+
+    def evaluate(self, tick: Tick) -> None:
+        """Validation after the batch: teacher forcing, generation, the best-checkpoint rule."""
+        record: dict = {"step": self.loop.step, "epoch": tick.plan.schedule.epoch}
+        if self.data.valid is not None:
+            record.update(self._validation())
+            self.loop, new_best = self.loop.evaluated(record["val_accuracy"])
+            if new_best:
+                record.update(self._save_best(record))
+            self._write(record)
+            self.bar.write(f"step {self.loop.step}: val_accuracy {record['val_accuracy']:.4f}")
+        self.summary["last_eval"] = record
+
+    def _validation(self) -> dict:
+        """Teacher-forced and generation metrics on the validation split, with the curriculum of the last batch."""
+        last_batch, valid = self.loop.step - 1, self.data.valid
+        metrics = teacher_forced(self.step_fn.eval_step, self.state.params, self.state.rest, valid,
+                                 lambda rows: self.curriculum.eval_n_remove(last_batch, rows, self.last_plan.schedule),
+                                 self.config.eval.batch_size, setup=self.setup, widths=self.widths)
+        return {**metrics, **generation_metrics(self.evaluators["val"], self._eval_model(), "val", self._gaps(valid))}
+
+    def _save_best(self, record: dict) -> dict:
+        """Save the best parameters; return what to add to the record (test metrics when there is a test split)."""
+        self.checkpoints.save_best(self.loop.step, self.state.params, {"step": self.loop.step, **record, "is_best": True})
+        added = {"is_best": True}
+        if self.data.test is not None:
+            added.update(generation_metrics(self.evaluators["test"], self._eval_model(), "test",
+                                            self._gaps(self.data.test)))
+        return added
+
+    def _eval_model(self):
+        return model_from_state(self.graphdef, self.state)  # shares the state's arrays: used before the next step
+
+    def _gaps(self, split: EncodedDataset):
+        """keep_position: generated tokens continue at the positions they had before the removal."""
+        if not self.config.train.keep_position:
+            return None
+        return keep_position_gaps(split, self.curriculum.eval_n_remove(self.loop.step - 1, len(split),
+                                                                       self.last_plan.schedule))
+
+    def save_checkpoint(self) -> None:
+        """Save the full state and the loop state (parameters checked finite first); push small files."""
+        self.guard.check_params(self.state.params, self.loop.step)
+        self.checkpoints.save(self.loop.step, self.state, self.loop.to_meta())
+        self.guard.saved(self.loop.step)
+        if self.writer:
+            self.run.push()  # metrics and other small files follow the checkpoints to the bucket
+
+    def stop(self) -> None:
+        """A preemption notice or Ctrl-C: the checkpoint is saved; end the run here."""
+        signal_name = self.preemption.signal.name
+        self.summary.update(interrupted=True, signal=signal_name)
+        self.bar.write(f"{signal_name}: saved step {self.loop.step} to {self.run.url}; resume with "
+                       f"`icot train --resume {self.run.url}`")
+        self.stopped = True
+
+    def _write(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+    # -- the end ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Restore signal handlers, close the bar, wait for checkpoint writes, close the logs."""
+        self.preemption.restore()
+        self.bar.close()
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        if self.log is not None:
+            self.log.close()
+
+    def finish(self, diverged: TrainingDiverged | None) -> dict:
+        """Write ``summary.json`` and ``curriculum.png`` (process 0) and return the summary."""
+        plan, loop = self.last_plan, self.loop
+        self.summary.update(steps=loop.step, best_accuracy=loop.best_accuracy, best_step=loop.best_step,
+                            train_step_compiles=self.step_fn.compiles, length_buckets=list(self.widths.buckets),
+                            expected_padding=self.widths.padding, skipped_batches=loop.skipped_batches,
+                            seconds=time.time() - self.start,
+                            final_remove_all=bool(plan and plan.schedule.remove_all), diverged=diverged is not None)
+        if diverged is not None:
+            self.summary.update(diverged_at_step=diverged.step, last_good_step=diverged.good_step)
+        if self.writer:
+            local = self.run.local
+            (local / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            if (local / "metrics.jsonl").exists() and not self.summary["interrupted"]:
+                plot_run(local / "metrics.jsonl", local / "curriculum.png", title=self.config.name)
+            self.run.push()
+        return self.summary

@@ -329,6 +329,28 @@ class KVCache:
         return self.valid.shape[1]
 
 
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save only each block's inputs; recompute the whole block in the backward pass
+    # Save the outputs of matmuls without batch dimensions (the weight projections) and recompute the rest,
+    # including the [B, heads, L, L] attention scores, whose einsums have batch dimensions.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+"""``jax.checkpoint`` policy of each ``mesh.remat`` setting but ``none`` (see :meth:`CausalLM.set_remat`)."""
+
+
+def _call_block(block: nnx.Module, x: jax.Array, position_ids: jax.Array, mask: jax.Array,
+                dropout_key: jax.Array | None) -> jax.Array:
+    """One block of a forward pass without a KV cache."""
+    x, _ = block(x, position_ids, mask, None, None, dropout_key)
+    return x
+
+
+@functools.cache
+def _remat_call_block(policy: str) -> Callable:
+    """:func:`_call_block` under ``nnx.remat`` with ``policy``: one wrapper per policy, made once."""
+    return nnx.remat(_call_block, policy=REMAT_POLICIES[policy])
+
+
 class CausalLM(nnx.Module):
     """The call signature shared by every family, plus KV-cached decoding.
 
@@ -340,6 +362,8 @@ class CausalLM(nnx.Module):
 
     scan_layers: bool = False
     """Run the blocks under one ``jax.lax.scan`` when there is no KV cache (see :meth:`set_scan_layers`)."""
+    remat: str = "none"
+    """Rematerialisation policy of the blocks when there is no KV cache (see :meth:`set_remat`)."""
 
     def set_scan_layers(self, enabled: bool = True) -> CausalLM:
         """Run the transformer blocks under one ``jax.lax.scan`` (``mesh.scan_layers``); returns the model.
@@ -355,6 +379,21 @@ class CausalLM(nnx.Module):
         if enabled:
             self._block_graphdef()
         self.scan_layers = enabled
+        return self
+
+    def set_remat(self, policy: str = "full") -> CausalLM:
+        """Recompute each transformer block in the backward pass (``mesh.remat``); returns the model.
+
+        ``policy``: ``none``; ``full`` keeps only each block's input and recomputes the block; ``dots`` also
+        keeps the weight projections' outputs (:data:`REMAT_POLICIES`). Every forward pass without a KV
+        cache (training, teacher-forced evaluation; scanned or not, see :meth:`set_scan_layers`) calls each
+        block under ``nnx.remat``; decoding with a cache is unchanged. Parameters and their paths do not
+        change, only memory and compute move; the policy is a static attribute, so it travels in the
+        model's graphdef.
+        """
+        if policy != "none" and policy not in REMAT_POLICIES:
+            raise ValueError(f"mesh.remat={policy!r}; expected none, {', '.join(REMAT_POLICIES)}")
+        self.remat = policy
         return self
 
     def set_materialize_cotangents(self, enabled: bool = True) -> CausalLM:
@@ -420,11 +459,10 @@ class CausalLM(nnx.Module):
     def _forward(self, input_ids, position_ids, mask, layer_caches, cache_index, dropout_key):
         keys = split_key(dropout_key, len(self.blocks) + 1)
         x = self.embed_inputs(input_ids, position_ids, keys[0])
-        if self.scan_layers and layer_caches is None:
-            x = self._scan_blocks(x, position_ids, mask, keys[1:])
+        if layer_caches is None:
+            x = self._run_blocks(x, position_ids, mask, keys[1:])
             new_caches = [None] * len(self.blocks)
         else:
-            layer_caches = layer_caches or [None] * len(self.blocks)
             new_caches = []
             for block, layer_cache, key in zip(self.blocks, layer_caches, keys[1:]):
                 x, layer_cache = block(x, position_ids, mask, layer_cache, cache_index, key)
@@ -433,11 +471,21 @@ class CausalLM(nnx.Module):
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits, new_caches
 
-    def _scan_blocks(self, x, position_ids, mask, keys):
-        """``x`` through every block as one ``jax.lax.scan`` over their stacked states (no KV cache).
+    def _run_blocks(self, x, position_ids, mask, keys):
+        """``x`` through every block without a KV cache: looped or scanned, rematerialised or not."""
+        call = _call_block if self.remat == "none" else _remat_call_block(self.remat)
+        if self.scan_layers:
+            return self._scan_blocks(call, x, position_ids, mask, keys)
+        for block, key in zip(self.blocks, keys):
+            x = call(block, x, position_ids, mask, key)
+        return x
 
-        Stacking copies the blocks' parameters once per forward pass (and the gradients once back); a
-        rematerialised block (``sharding.apply_remat``) stays rematerialised, since the scanned body calls it.
+    def _scan_blocks(self, call, x, position_ids, mask, keys):
+        """``x`` through every block as one ``jax.lax.scan`` over their stacked states.
+
+        Stacking copies the blocks' parameters once per forward pass (and the gradients once back). The
+        scanned body runs ``call`` (:func:`_call_block`, under ``nnx.remat`` with :meth:`set_remat`), so a
+        rematerialised block stays rematerialised.
         """
         graphdef = self._block_graphdef()
         stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(block) for block in self.blocks))
@@ -445,8 +493,7 @@ class CausalLM(nnx.Module):
 
         def body(x, layer):
             state, key = layer
-            x, _ = nnx.merge(graphdef, state)(x, position_ids, mask, None, None, key)
-            return x, None
+            return call(nnx.merge(graphdef, state), x, position_ids, mask, key), None
 
         x, _ = jax.lax.scan(body, x, (stacked, stacked_keys))
         return x

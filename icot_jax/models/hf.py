@@ -1,9 +1,12 @@
 """Hugging Face checkpoints in and out: ``config.json`` + safetensors <-> the NNX models of this package.
 
-Each family (keyed by the config's ``model_type``) declares how its checkpoint tensors map onto our
-parameters with a list of :class:`TensorRule`. Loading streams the checkpoint tensor by tensor
-(``safetensors.safe_open``), converts each to our layout and dtype on the host and places it straight into
-its sharding, so the host never holds more than one tensor (plus its converted copy) at a time.
+Each family folder (``gpt2/``, ``llama/``) declares in its ``params.py`` how the checkpoint tensors of its
+``model_type``s map onto our parameters (a :class:`~icot_jax.models.keymap.Family` with its
+:class:`~icot_jax.models.keymap.TensorRule` list) and how a transformers config becomes the model's config.
+This module dispatches on ``model_type`` and does the rest, the same for every family. Loading streams the
+checkpoint tensor by tensor (``safetensors.safe_open``), converts each to our layout and dtype on the host
+and places it straight into its sharding, so the host never holds more than one tensor (plus its converted
+copy) at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from icot_jax.models.common import CausalLM, DTypeLike
-from icot_jax.models.gpt2 import GPT2Config, GPT2LM
-from icot_jax.models.llama import LlamaConfig, LlamaLM, RopeConfig
+from icot_jax.models.gpt2 import params as gpt2_params
+from icot_jax.models.keymap import Family, TensorRule
+from icot_jax.models.llama import params as llama_params
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,201 +46,11 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the model its config describes."""
 
 
-# ------------------------------------------------------------------------------------------ key maps
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-    """How one checkpoint tensor maps onto one or more of our parameters.
-
-    ``hf_key`` and ``params`` (dotted paths into ``nnx.state(model)``) may contain ``{i}``, the layer index.
-    Our parameter of shape ``in_axes + out_axes`` (``n_in`` input axes; 0 for vectors) is stored flattened
-    to ``[in, out]``, or ``[out, in]`` when ``transpose`` (torch ``nn.Linear``). Several ``params`` are
-    concatenated along the output axis in the checkpoint (Phi-3's fused ``qkv_proj`` / ``gate_up_proj``).
-    """
-
-    hf_key: str
-    params: tuple[str, ...]
-    n_in: int
-    transpose: bool
-
-    @property
-    def out_axis(self) -> int:
-        return 0 if self.transpose or self.n_in == 0 else 1
-
-    def hf_shape(self, shapes: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
-        """The checkpoint shape of this tensor given our parameters' shapes."""
-        stored = [self._stored_shape(shape) for shape in shapes]
-        merged = list(stored[0])
-        merged[self.out_axis] = sum(shape[self.out_axis] for shape in stored)
-        return tuple(merged)
-
-    def to_params(self, tensor: np.ndarray, shapes: Iterable[tuple[int, ...]]) -> list[np.ndarray]:
-        """Split (if fused), transpose (if ``nn.Linear``) and reshape a checkpoint tensor into our params."""
-        shapes = list(shapes)
-        sizes = [self._stored_shape(shape)[self.out_axis] for shape in shapes]
-        pieces = np.split(tensor, np.cumsum(sizes)[:-1], axis=self.out_axis)
-        return [(piece.T if self.transpose else piece).reshape(shape) for piece, shape in zip(pieces, shapes)]
-
-    def to_tensor(self, values: Iterable[np.ndarray]) -> np.ndarray:
-        """The inverse of :meth:`to_params`."""
-        matrices = [value.reshape(self._matrix_shape(value.shape)) for value in values]
-        stored = [matrix.T if self.transpose else matrix for matrix in matrices]
-        return np.ascontiguousarray(np.concatenate(stored, axis=self.out_axis))
-
-    def _matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Our parameter flattened to ``[in, out]`` (``[n]`` for a vector)."""
-        if self.n_in == 0:
-            return (math.prod(shape),)
-        return (math.prod(shape[:self.n_in]), math.prod(shape[self.n_in:]))
-
-    def _stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        matrix = self._matrix_shape(shape)
-        return matrix[::-1] if self.transpose else matrix
-
-
-def linear(hf_key: str, *params: str, n_in: int = 1) -> TensorRule:
-    """A torch ``nn.Linear`` weight ``[out, in]``."""
-    return TensorRule(hf_key, params, n_in, transpose=True)
-
-
-def matrix(hf_key: str, param_path: str, n_in: int = 1) -> TensorRule:
-    """A matrix stored ``[in, out]`` as ours: GPT-2's ``Conv1D`` weights and embedding tables."""
-    return TensorRule(hf_key, (param_path,), n_in, transpose=False)
-
-
-def vector(hf_key: str, *params: str) -> TensorRule:
-    """A bias or norm scale."""
-    return TensorRule(hf_key, params, 0, transpose=False)
-
-
-GPT2_RULES = (
-    matrix("transformer.wte.weight", "embed.embedding"),
-    matrix("transformer.wpe.weight", "pos_embed.embedding"),
-    vector("transformer.h.{i}.ln_1.weight", "blocks.{i}.attn_norm.scale"),
-    vector("transformer.h.{i}.ln_1.bias", "blocks.{i}.attn_norm.bias"),
-    matrix("transformer.h.{i}.attn.c_attn.weight", "blocks.{i}.attn.qkv.kernel"),
-    vector("transformer.h.{i}.attn.c_attn.bias", "blocks.{i}.attn.qkv.bias"),
-    matrix("transformer.h.{i}.attn.c_proj.weight", "blocks.{i}.attn.out.kernel", n_in=2),
-    vector("transformer.h.{i}.attn.c_proj.bias", "blocks.{i}.attn.out.bias"),
-    vector("transformer.h.{i}.ln_2.weight", "blocks.{i}.mlp_norm.scale"),
-    vector("transformer.h.{i}.ln_2.bias", "blocks.{i}.mlp_norm.bias"),
-    matrix("transformer.h.{i}.mlp.c_fc.weight", "blocks.{i}.mlp.fc_in.kernel"),
-    vector("transformer.h.{i}.mlp.c_fc.bias", "blocks.{i}.mlp.fc_in.bias"),
-    matrix("transformer.h.{i}.mlp.c_proj.weight", "blocks.{i}.mlp.fc_out.kernel"),
-    vector("transformer.h.{i}.mlp.c_proj.bias", "blocks.{i}.mlp.fc_out.bias"),
-    vector("transformer.ln_f.weight", "final_norm.scale"),
-    vector("transformer.ln_f.bias", "final_norm.bias"),
-    linear("lm_head.weight", "lm_head.kernel"),
-)
-
-
-def _llama_rules(fused: bool) -> tuple[TensorRule, ...]:
-    """Llama/Mistral checkpoints (``fused=False``) or Phi-3's fused ``qkv_proj`` / ``gate_up_proj``."""
-    layer, attn, mlp = "model.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-    if fused:
-        projections = (
-            linear(attn + "qkv_proj.weight", "blocks.{i}.attn.q.kernel", "blocks.{i}.attn.k.kernel",
-                   "blocks.{i}.attn.v.kernel"),
-            linear(mlp + "gate_up_proj.weight", "blocks.{i}.mlp.gate.kernel", "blocks.{i}.mlp.up.kernel"),
-        )
-    else:
-        projections = []
-        for prefix, hf, ours in ((attn, "q_proj", "attn.q"), (attn, "k_proj", "attn.k"), (attn, "v_proj", "attn.v"),
-                                 (mlp, "gate_proj", "mlp.gate"), (mlp, "up_proj", "mlp.up")):
-            projections += [linear(f"{prefix}{hf}.weight", f"blocks.{{i}}.{ours}.kernel"),
-                            vector(f"{prefix}{hf}.bias", f"blocks.{{i}}.{ours}.bias")]
-    return (
-        matrix("model.embed_tokens.weight", "embed.embedding"),
-        vector(layer + "input_layernorm.weight", "blocks.{i}.attn_norm.scale"),
-        *projections,
-        linear(attn + "o_proj.weight", "blocks.{i}.attn.out.kernel", n_in=2),
-        vector(attn + "o_proj.bias", "blocks.{i}.attn.out.bias"),
-        vector(layer + "post_attention_layernorm.weight", "blocks.{i}.mlp_norm.scale"),
-        linear(mlp + "down_proj.weight", "blocks.{i}.mlp.down.kernel"),
-        vector(mlp + "down_proj.bias", "blocks.{i}.mlp.down.bias"),
-        vector("model.norm.weight", "final_norm.scale"),
-        linear("lm_head.weight", "lm_head.kernel"),
-    )
-
-
-# --------------------------------------------------------------------------------- config conversion
-
-
-def _gpt2_config(config) -> GPT2Config:
-    if getattr(config, "add_cross_attention", False):
-        raise NotImplementedError("config.json: add_cross_attention=true (GPT-2 cross-attention) is not supported")
-    return GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.n_positions, hidden_size=config.n_embd,
-        num_layers=config.n_layer, num_heads=config.n_head, intermediate_size=config.n_inner or 4 * config.n_embd,
-        activation=config.activation_function, layer_norm_eps=config.layer_norm_epsilon,
-        embd_dropout=config.embd_pdrop, attn_dropout=config.attn_pdrop, resid_dropout=config.resid_pdrop,
-        scale_attn_weights=config.scale_attn_weights,
-        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
-        tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range)
-
-
-def _rope_config(config, head_dim: int) -> RopeConfig:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    kind = params.get("rope_type", "default")
-    rope = RopeConfig(theta=float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-                      rotary_dim=int(head_dim * params.get("partial_rotary_factor", 1.0)), kind=kind)
-    if kind == "default":
-        return rope
-    if kind == "linear":
-        return dataclasses.replace(rope, factor=float(params["factor"]))
-    if kind == "llama3":
-        return dataclasses.replace(
-            rope, factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise NotImplementedError(
-        f"config.json: rope_scaling / rope_parameters['rope_type'] = {kind!r} is not supported "
-        "(supported: default, linear, llama3); e.g. Phi-3's 128k 'longrope' switches frequencies with the "
-        "sequence length. Use a checkpoint with rope_scaling null (Phi-3-mini-4k).")
-
-
-def _llama_config(config) -> LlamaConfig:
-    """Llama, Mistral and Phi-3 configs; the optional fields default to what the PyTorch models do."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads or config.num_attention_heads, head_dim=head_dim,
-        rope=_rope_config(config, head_dim), rms_norm_eps=config.rms_norm_eps, activation=config.hidden_act,
-        sliding_window=getattr(config, "sliding_window", None),
-        attention_bias=getattr(config, "attention_bias", False), mlp_bias=getattr(config, "mlp_bias", False),
-        attention_dropout=float(config.attention_dropout),
-        residual_dropout=float(getattr(config, "resid_pdrop", 0.0)),  # Phi-3 only
-        tie_word_embeddings=config.tie_word_embeddings, padding_idx=config.pad_token_id,
-        initializer_range=config.initializer_range)
-
-
 # ----------------------------------------------------------------------------------------- registry
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Everything needed to build, load and export one Hugging Face ``model_type``."""
-
-    model_type: str
-    model_config: Callable[[transformers.PretrainedConfig], Any]
-    model_class: type[CausalLM]
-    rules: tuple[TensorRule, ...]
-    base_prefix: str  # checkpoints saved from the base model (e.g. the hub's openai-community/gpt2) omit it
-    ignored: tuple[str, ...] = ()  # regexes of checkpoint keys that hold no parameter (old buffers)
-    export_config: Callable[[Any], dict] = lambda model_config: {}  # config.json fields the model may change
-
-
-FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", _gpt2_config, GPT2LM, GPT2_RULES, "transformer.",
-                   ignored=(r"\.attn\.(bias|masked_bias)$",),
-                   export_config=lambda c: {"n_positions": c.n_positions}),
-    **{name: Family(name, _llama_config, LlamaLM, _llama_rules(fused=False), "model.",
-                    ignored=(r"\.rotary_emb\.inv_freq$",)) for name in ("llama", "mistral")},
-    "phi3": Family("phi3", _llama_config, LlamaLM, _llama_rules(fused=True), "model.",
-                   ignored=(r"\.rotary_emb\.inv_freq$",)),
-}
+# Each family folder declares its Hugging Face ``model_type``s in ``params.FAMILIES``.
+FAMILIES: dict[str, Family] = {family.model_type: family
+                               for family in (*gpt2_params.FAMILIES, *llama_params.FAMILIES)}
 
 
 HFConfigLike = transformers.PretrainedConfig | Mapping | str | Path

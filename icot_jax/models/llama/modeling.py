@@ -4,7 +4,7 @@ Pre-RMSNorm decoder blocks, grouped-query attention, rotary embeddings in Huggin
 layout (so checkpoint q/k need no permutation; partial rotary as Phi-3 allows), an optional sliding window
 (Mistral, Phi-3), a gated MLP, optional attention/MLP biases (Llama), attention dropout and Phi-3's
 residual dropout. The checkpoint differences (Phi-3's fused ``qkv_proj`` / ``gate_up_proj``) live in
-``icot_jax.models.hf``; the modules here are the same for the whole family.
+``params.py`` next to this file; the modules here are the same for the whole family.
 """
 
 from __future__ import annotations
