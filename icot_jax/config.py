@@ -105,7 +105,7 @@ class TrainConfig:
     adaptive_window: int = 4
     """Running mean of the token accuracy over this many logged batches (``log_every_steps`` apart)."""
     adaptive_recovery: float = 0.98
-    """Recovered: that mean reaches this fraction of its level just before the last advance."""
+    """Recovered: that mean reaches this fraction of the best level it had just before any removal."""
     adaptive_min_steps: int = 200
     """Steps at each count before it may advance."""
     adaptive_max_steps: int = 3000
