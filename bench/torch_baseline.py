@@ -60,13 +60,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from icot_jax.build import build_curriculum, build_data
-from icot_jax.config import Config, load_config
+from icot_jax.config import Config, RemovalSide, load_config
 from icot_jax.data.loader import BatchLoader
 from icot_jax.removal import StepPlan, post_removal_lengths, removed_counts
 
@@ -94,7 +95,7 @@ class Repadded(NamedTuple):
 
 
 def remove_and_repad(input_ids: np.ndarray, seps: np.ndarray, n_remove: np.ndarray, example_mask: np.ndarray, *,
-                     pad_id: int, side: str = "left") -> Repadded:
+                     pad_id: int, side: RemovalSide = "left") -> Repadded:
     """The reference's removal of one batch, on the host.
 
     For each real row, deletes ``min(n_remove, CoT length)`` CoT tokens (from the left: right after the
@@ -102,8 +103,8 @@ def remove_and_repad(input_ids: np.ndarray, seps: np.ndarray, n_remove: np.ndarr
     row with ``pad_id`` to the longest one (see :class:`Repadded`). Filler rows (``example_mask`` False)
     are dropped, as the reference's last batch of an epoch is simply short.
     """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if side not in typing.get_args(RemovalSide):
+        raise ValueError(f"side must be one of {typing.get_args(RemovalSide)}, got {side!r}")
     real = np.asarray(example_mask, bool)
     seps, n_remove = np.asarray(seps)[real], np.asarray(n_remove)[real]
     removed = removed_counts(seps, n_remove)

@@ -24,6 +24,7 @@ vendors' data sheets); on a CPU no MFU is printed unless ``--peak-tflops`` is gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -67,6 +68,57 @@ def peak_tflops(device_kind: str, dtype: str, given: float | None) -> float | No
     return peak / 2 if dtype == "float32" and device_kind.startswith("NVIDIA") else peak
 
 
+@dataclasses.dataclass
+class StepRecord:
+    """What :func:`time_steps` measured, one entry per trained batch (skipped batches only counted)."""
+
+    times: list = dataclasses.field(default_factory=list)
+    examples: list = dataclasses.field(default_factory=list)
+    tokens: list = dataclasses.field(default_factory=list)
+    flops: list = dataclasses.field(default_factory=list)
+    losses: list = dataclasses.field(default_factory=list)
+    first_call: list = dataclasses.field(default_factory=list)
+    timed_steps: list = dataclasses.field(default_factory=list)
+    resets: int = 0
+    skipped: int = 0
+
+
+def time_steps(trainer, total: int) -> StepRecord:
+    """Run ``total`` batches of ``trainer`` as the loop does (plan, reset, skip, width) and time each step."""
+    step, state, curriculum, loader, widths = (trainer.step, trainer.state, trainer.curriculum, trainer.loader,
+                                               trainer.widths)
+    model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
+    n_params = matmul_params(state.params)
+    del trainer  # the step donates the state: keep no other reference
+    record, prev_cot_left = StepRecord(), True
+    for index in range(total):
+        epoch, in_epoch = divmod(index, loader.steps_per_epoch)
+        batch = loader.batch(epoch, in_epoch)
+        plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
+        prev_cot_left = plan.cot_left
+        if plan.skip:  # longer than max_len_train after removal: the loop does not train on it
+            record.skipped += 1
+            continue
+        width = widths.width(plan.batch_length)
+        compiles = step.compiles
+        start = time.perf_counter()
+        if plan.reset_optimizer:
+            state = step.reset_optimizer(state)
+            record.resets += 1
+        state, metrics = step(state, batch, plan.n_remove, width)
+        jax.block_until_ready(metrics["loss"])
+        record.times.append(time.perf_counter() - start)
+        record.losses.append(float(metrics["loss"]))
+        record.first_call.append(step.compiles > compiles)
+        if not record.first_call[-1]:
+            record.timed_steps.append(index)
+        real = batch["example_mask"]
+        record.examples.append(int(real.sum()))
+        record.tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
+        record.flops.append(record.tokens[-1] * flops_per_token(n_params, model_config, width))
+    return record
+
+
 def run(config_path: Path, overrides: list[str], steps: int | None, peak: float | None = None) -> dict:
     """Train for the config's epochs (or ``steps`` batches) and return the measured figures."""
     if REFERENCE_VALID.exists() and "generate_digits: 4" in config_path.read_text():
@@ -74,46 +126,25 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
     config = load_config(config_path, overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(config, Path(run_dir))
-        step, state, curriculum, loader, widths = (trainer.step, trainer.state, trainer.curriculum, trainer.loader,
-                                                   trainer.widths)
-        model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
-        n_params = matmul_params(state.params)
+        step, loader, widths = trainer.step, trainer.loader, trainer.widths
+        per_run = loader.steps_per_epoch * config.train.epochs
+        total = min(steps or per_run, per_run)
+        record = time_steps(trainer, total)
         del trainer
-        total = min(steps or loader.steps_per_epoch * config.train.epochs, loader.steps_per_epoch * config.train.epochs)
-        times, examples, tokens, flops, losses, first_call, timed_steps = [], [], [], [], [], [], []
-        resets, skipped, prev_cot_left = 0, 0, True
-        for index in range(total):
-            epoch, in_epoch = divmod(index, loader.steps_per_epoch)
-            batch = loader.batch(epoch, in_epoch)
-            plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
-            prev_cot_left = plan.cot_left
-            if plan.skip:  # longer than max_len_train after removal: the loop does not train on it
-                skipped += 1
-                continue
-            width = widths.width(plan.batch_length)
-            compiles = step.compiles
-            start = time.perf_counter()
-            if plan.reset_optimizer:
-                state = step.reset_optimizer(state)
-                resets += 1
-            state, metrics = step(state, batch, plan.n_remove, width)
-            jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - start)
-            losses.append(float(metrics["loss"]))
-            first_call.append(step.compiles > compiles)
-            if not first_call[-1]:
-                timed_steps.append(index)
-            real = batch["example_mask"]
-            examples.append(int(real.sum()))
-            tokens.append(int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum()))
-            flops.append(tokens[-1] * flops_per_token(n_params, model_config, width))
-    warm = ~np.array(first_call)
-    steady = np.array(times)[warm]
+    return report(config, record, step.compiles, widths, loader.steps_per_epoch, total, peak)
+
+
+def report(config, record: StepRecord, compiles: int, widths, steps_per_epoch: int, total: int,
+           peak: float | None) -> dict:
+    """The JSON figures of a timed run: steady-state throughput (first calls of each width excluded)."""
+    warm = ~np.array(record.first_call)
+    steady = np.array(record.times)[warm]
     median = statistics.median(steady)
-    timed_examples, timed_tokens, flops = (np.array(x)[warm] for x in (examples, tokens, flops))
+    timed_examples, timed_tokens, flops = (np.array(x)[warm] for x in (record.examples, record.tokens, record.flops))
     device_kind = str(jax.devices()[0].device_kind)
     model_flops_per_s = flops.sum() / steady.sum()
     peak = peak_tflops(device_kind, config.model.dtype, peak)
+    examples, tokens = record.examples, record.tokens
     return {
         "config": config.name,
         "device": device_kind,
@@ -123,16 +154,16 @@ def run(config_path: Path, overrides: list[str], steps: int | None, peak: float 
         "examples_per_s": timed_examples.sum() / steady.sum(),
         "tokens_per_s": timed_tokens.sum() / steady.sum(),
         "median_step_ms": 1000 * median,
-        "compile_s": float(np.sum(np.array(times)[~warm]) - (~warm).sum() * median),
-        "train_step_compiles": step.compiles,
+        "compile_s": float(np.sum(np.array(record.times)[~warm]) - (~warm).sum() * median),
+        "train_step_compiles": compiles,
         "widths": list(widths.buckets),
         "expected_padding": widths.padding,
-        "skipped_batches": skipped,
-        "optimizer_resets": resets,
-        "epoch_s": float(steady.mean()) * loader.steps_per_epoch,
-        "timed_steps": timed_steps,
-        "loss_first_step": losses[0],
-        "loss_last_step": losses[-1],
+        "skipped_batches": record.skipped,
+        "optimizer_resets": record.resets,
+        "epoch_s": float(steady.mean()) * steps_per_epoch,
+        "timed_steps": record.timed_steps,
+        "loss_first_step": record.losses[0],
+        "loss_last_step": record.losses[-1],
         "mean_tokens_first_step": tokens[0] / max(examples[0], 1),
         "mean_tokens_last_step": tokens[-1] / max(examples[-1], 1),
         "model_tflops_per_s": model_flops_per_s / 1e12,

@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from icot_jax.config import Config
+from icot_jax.errors import UserError
 
 if TYPE_CHECKING:
     import jax
@@ -114,7 +115,7 @@ class TpuSlice:
                 platform="tpu", topology_name=self.topology_name, chip_config_name=self.generation.chip_config,
                 chips_per_host_bounds=self.chips_per_host_bounds, num_slices=1, wrap=self.wrap)
         except RuntimeError as err:  # no TPU plugin
-            raise RuntimeError(f"cannot describe TPU topology {self.topology_name}: {err}. AOT compilation needs "
+            raise UserError(f"cannot describe TPU topology {self.topology_name}: {err}. AOT compilation needs "
                                "libtpu: pip install 'jax[tpu]' (or '.[tpu]')") from err
         return list(topology.devices)
 
@@ -123,7 +124,7 @@ def tpu_slice(name: str) -> TpuSlice:
     """The slice called ``name`` (``v4-16``, ``v5p-8``, ``v5e-16``/``v5litepod-16``, ``v6e-8``, ...)."""
     match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if not match:
-        raise ValueError(f"--topology {name!r}: expected GENERATION-SIZE with GENERATION one of "
+        raise UserError(f"--topology {name!r}: expected GENERATION-SIZE with GENERATION one of "
                          f"{sorted([*GENERATIONS, *ALIASES])}, e.g. v5p-8 or v5e-16")
     key = ALIASES.get(match.group(1), match.group(1))
     generation = GENERATIONS[key]
@@ -132,7 +133,7 @@ def tpu_slice(name: str) -> TpuSlice:
     grids = _GRIDS[generation.dims]
     if remainder or chips not in grids:
         sizes = ", ".join(f"{key}-{c * generation.cores_per_chip}" for c in grids)
-        raise ValueError(f"--topology {name!r}: unknown slice size; known: {sizes}")
+        raise UserError(f"--topology {name!r}: unknown slice size; known: {sizes}")
     return TpuSlice(name, generation, grids[chips])
 
 

@@ -20,11 +20,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from icot_jax.errors import MissingPathError
 from icot_jax.rundir import is_remote
 
 
-def _manager(directory: Path | str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+def _manager(directory: Path | str, keep: int, read_only: bool) -> ocp.CheckpointManager:
+    if read_only:  # save_interval_steps and create as orbax forces them, so that it does not warn about them
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -41,12 +45,15 @@ def abstract_like(tree: Any) -> Any:
 
 
 class RunCheckpoints:
-    """The checkpoints of one run: ``latest`` (full state, last ``keep``) and ``best`` (params only)."""
+    """The checkpoints of one run: ``latest`` (full state, last ``keep``) and ``best`` (params only).
 
-    def __init__(self, run_dir: Path | str, *, keep: int):
+    ``read_only``: only restore (creates no folder; ``keep`` is unused), as :func:`icot_jax.runs.open_run` does.
+    """
+
+    def __init__(self, run_dir: Path | str, *, keep: int = 1, read_only: bool = False):
         run_dir = _directory(run_dir)
-        self.latest = _manager(f"{run_dir}/checkpoints", keep)
-        self.best = _manager(f"{run_dir}/best", 1)
+        self.latest = _manager(f"{run_dir}/checkpoints", keep, read_only)
+        self.best = _manager(f"{run_dir}/best", 1, read_only)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Save the full train state and its JSON metadata at ``step`` (no-op if already saved)."""
@@ -70,7 +77,7 @@ class RunCheckpoints:
         """Restore ``(state, meta)`` at ``step`` (default: latest) into the structure/shardings of ``state_like``."""
         step = self.latest.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{self.latest.directory}: no checkpoint to resume from")
+            raise MissingPathError(f"{self.latest.directory}: no checkpoint to resume from")
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_like(state_like)), meta=ocp.args.JsonRestore()
         )
@@ -81,7 +88,7 @@ class RunCheckpoints:
         """Restore ``(params, meta)`` of the best checkpoint into the structure of ``params_like``."""
         step = self.best.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{self.best.directory}: no best checkpoint")
+            raise MissingPathError(f"{self.best.directory}: no best checkpoint")
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_like(params_like)), meta=ocp.args.JsonRestore()
         )
@@ -104,7 +111,7 @@ def read_meta(run_dir: Path | str, which: str = "checkpoints") -> dict:
     manager = ocp.CheckpointManager(f"{_directory(run_dir)}/{which}", options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{run_dir}/{which}: no checkpoint")
+        raise MissingPathError(f"{run_dir}/{which}: no checkpoint")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     manager.close()
     return dict(meta)

@@ -8,7 +8,9 @@ A config file mirrors the dataclasses below section by section::
     train: {epochs: 200, batch_size: 32, lr: 5.0e-5, remove_per_epoch: 8}
 
 Every key is checked: an unknown key is an error naming the file, the dotted key and the closest valid
-key. Overrides use the same dotted keys (``train.lr=1e-4``); values are parsed as YAML scalars.
+key. A key with a fixed set of values is annotated with one of the ``Literal`` aliases below, the only
+list of its allowed values (other modules read it with ``typing.get_args``). Overrides use the same dotted
+keys (``train.lr=1e-4``); values are parsed as YAML scalars.
 """
 
 from __future__ import annotations
@@ -19,15 +21,33 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from icot_jax.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 """The built-in default job (``icot demo``, ``make demo``): a CPU demo of internalization."""
 
 
-class ConfigError(ValueError):
+Mode = Literal["icot", "explicit", "no_cot"]
+"""``train.mode``: stepwise internalization, never remove the CoT, or remove all of it from the start."""
+RemovalSide = Literal["left", "right"]
+"""``train.removal_side``: which end of the CoT is removed first."""
+JoinMode = Literal["reference", "segments"]
+"""``data.join``: tokenize the reference's full string, or each segment alone joined with EOS ids."""
+ErrorOrSkip = Literal["error", "skip"]
+"""``data.too_long`` and ``data.on_malformed``: stop with an error naming the example, or drop it."""
+DType = Literal["float32", "bfloat16"]
+"""``model.dtype`` and ``model.param_dtype``."""
+Remat = Literal["none", "full", "dots"]
+"""``mesh.remat``: no rematerialisation, recompute each block, or save only matmul outputs."""
+ScheduleKind = Literal["fixed", "adaptive"]
+"""``train.schedule``: Δ tokens per epoch (the reference), or advance once the model has recovered."""
+
+
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the file and the key."""
 
 
@@ -43,9 +63,9 @@ class ModelConfig:
     """``model_type`` used when ``hf`` is empty and the model is built from ``overrides`` alone."""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Fields set on the HF config before building (e.g. ``n_layer: 2`` for a tiny model)."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     """Compute dtype: ``float32`` or ``bfloat16``."""
-    param_dtype: str = "float32"
+    param_dtype: DType = "float32"
     """Parameter (and optimizer state) dtype; ``bfloat16`` here is the paper's pure-bf16 mode."""
 
 
@@ -58,13 +78,13 @@ class DataConfig:
     test: str | None = None
     tokenizer: str = "builtin"
     """HF tokenizer name or folder, or ``builtin`` (digits/operators, word level)."""
-    join: str = "reference"
+    join: JoinMode = "reference"
     """``reference`` tokenizes the reference's full string; ``segments`` joins segments with EOS ids."""
     max_length: int = 1024
     """Longest encoded example accepted (see ``too_long``)."""
-    too_long: str = "error"
+    too_long: ErrorOrSkip = "error"
     """Policy for longer examples: ``error`` or ``skip``."""
-    on_malformed: str = "error"
+    on_malformed: ErrorOrSkip = "error"
     """Policy for malformed lines: ``error`` or ``skip``."""
     buckets: list[int] = dataclasses.field(default_factory=list)
     """Padded lengths; empty means one bucket at the longest example (one compilation)."""
@@ -81,7 +101,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and the internalization curriculum (reference flag names in brackets)."""
 
-    mode: str = "icot"
+    mode: Mode = "icot"
     """``icot`` (stepwise internalization), ``explicit`` (never remove), ``no_cot`` (remove all)."""
     epochs: int = 1
     batch_size: int = 32
@@ -93,12 +113,12 @@ class TrainConfig:
     """Δ: CoT tokens removed per epoch [remove_per_epoch]."""
     removal_smoothing_lambda: float = 4.0
     """λ of the offset distribution; ``.inf`` disables smoothing."""
-    removal_side: str = "left"
+    removal_side: RemovalSide = "left"
     pretrain_epochs: int = 0
     remove_start_from: int = 0
     remove_all_when_remove_beyond: float = math.inf
     reset_optimizer: bool = True
-    schedule: typing.Literal["fixed", "adaptive"] = "fixed"
+    schedule: ScheduleKind = "fixed"
     """``fixed``: Δ tokens per epoch (the reference). ``adaptive``: the next token goes once the training
     token accuracy has recovered from the last removal (``icot_jax.adaptive``, docs/method.md); Δ then only
     guides the choice of output widths. The ``adaptive_*`` keys are its parameters."""
@@ -158,7 +178,7 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1
     """Data-parallel replicas across slices (DCN); the ICI sizes above are per slice."""
-    remat: str = "none"
+    remat: Remat = "none"
     """Activation rematerialisation: ``none``, ``full`` (recompute each block) or ``dots`` (save matmuls)."""
     scan_layers: bool = False
     """Run the transformer blocks under one ``jax.lax.scan`` in the training/evaluation forward pass: one
@@ -198,10 +218,21 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+def _check_choice(value: Any, allowed: tuple, key: str, where: str) -> Any:
+    """``value`` if it is one of ``allowed`` (a ``Literal``'s values), else an error that lists them."""
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}{hint}")
+
+
 def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     """Check ``value`` against a field annotation, converting ints to floats and '.inf' strings."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Literal:
+        return _check_choice(value, args, key, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -287,26 +318,21 @@ def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "train.mode": ("icot", "explicit", "no_cot"),
-    "train.removal_side": ("left", "right"),
-    "data.join": ("reference", "segments"),
-    "data.too_long": ("error", "skip"),
-    "data.on_malformed": ("error", "skip"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "mesh.remat": ("none", "full", "dots"),
-}
-"""The allowed values of the config keys that take one of a fixed set of strings (checked by ``validate``)."""
+def _check_choices(node: Any, where: str, prefix: str = "") -> None:
+    """Check every ``Literal`` field of ``node`` and its sections (a config made in code skipped ``_coerce``)."""
+    hints = typing.get_type_hints(type(node))
+    for field in dataclasses.fields(node):
+        value, hint = getattr(node, field.name), hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            _check_choices(value, where, f"{prefix}{field.name}.")
+        elif typing.get_origin(hint) is Literal:
+            _check_choice(value, typing.get_args(hint), prefix + field.name, where)
 
 
 def validate(config: Config, where: str = "config") -> Config:
-    """Check values that types alone cannot (choices, ranges); raise ``ConfigError`` naming the key."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{where}: key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    """Check values that one field's type alone cannot (ranges, fields that depend on each other) and the
+    ``Literal`` fields of a config made in code; raise ``ConfigError`` naming the key."""
+    _check_choices(config, where)
     positive = {
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
@@ -350,6 +376,7 @@ def from_dict(raw: dict, where: str = "config") -> Config:
 
 
 def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key at every depth; any other value replaces the base's."""
     merged = _deep_copy(base)
     for key, value in top.items():
         both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
@@ -374,14 +401,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
-    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+    inherited = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    inherited.pop("name", None)  # a run is named by its own file (its `name`, else its stem), never its base
+    return _merge(inherited, raw)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate.
 
-    A file may start from another with ``base: other.yaml`` (path relative to the file); its keys are
-    merged section by section over the base's. ``name`` defaults to the file's stem.
+    A file may start from another with ``base: other.yaml`` (path relative to the file). Mappings merge key
+    by key at every depth, sections and ``model.overrides`` alike, so a file states only what it changes;
+    lists and scalars replace the base's. ``name`` is the file's own (default: its stem), never its base's.
+    An override ``a.b=value`` replaces the value at that key, a mapping included (``model.overrides={...}``
+    is the whole mapping; ``model.overrides.n_layer=4`` one entry of it).
     Errors name the file (or "command line") and the offending dotted key.
     """
     raw: dict = {}

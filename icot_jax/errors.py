@@ -12,3 +12,13 @@ class UserError(ValueError):
 
     A ``ValueError`` so that research code catching ``ValueError`` around configuration keeps working.
     """
+
+
+class UserPathError(UserError, OSError):
+    """A path the user named cannot be used (missing, not a run directory, not writable, locked); also an
+    ``OSError`` (and, raised as :class:`MissingPathError`, a ``FileNotFoundError``) for callers that
+    catch those."""
+
+
+class MissingPathError(UserPathError, FileNotFoundError):
+    """A file or directory the user named does not exist."""

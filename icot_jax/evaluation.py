@@ -1,8 +1,8 @@
 """Evaluating checkpoints: ``icot eval``, ``icot generate`` and ``icot tradeoff``.
 
-A checkpoint is a training run directory (``config.yaml``, orbax checkpoints; loaded with
-``icot_jax.runs.load_run_model``) or a Hugging Face folder (``config.json`` + safetensors + tokenizer,
-as written by ``icot export-hf``). The decoding itself lives in :mod:`icot_jax.generate`.
+A checkpoint is a training run directory (``config.yaml``, orbax checkpoints) or a Hugging Face folder
+(``config.json`` + safetensors + tokenizer, as written by ``icot export-hf``), local or ``gs://``, opened
+by :func:`icot_jax.runs.open_run`. The decoding itself lives in :mod:`icot_jax.generate`.
 
 Heavy modules (jax, transformers) are imported inside the functions: ``icot`` registers these commands
 on every invocation, and ``icot --help`` or ``icot data`` must not pay for them.
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from icot_jax.config import CHOICES
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from icot_jax.data.formats import Example
+    from icot_jax.runs import OpenedRun
     from icot_jax.data.tokenize import EncodedDataset
     from icot_jax.generate import GenerationResult
 
@@ -60,94 +58,6 @@ def multiplication_operands(model_input: str) -> tuple[int, int] | None:
     return reversed_digits_value(a), reversed_digits_value(b)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A model ready to evaluate, with what is needed to build its prompts."""
-
-    path: Path
-    model: Any
-    tokenizer: Any
-    join: str
-    """How sequences were tokenized in training (``reference`` or ``segments``): prompts must match."""
-    run_config: Any = None
-    """The run's ``Config`` for a run directory; None for a Hugging Face folder."""
-    keep_position: bool = False
-    """Whether training kept removed tokens' positions (``train.keep_position``): from the run config, or
-    from the ``icot_jax.json`` that ``icot export-hf`` writes next to an exported folder's weights."""
-    removal_side: str = "left"
-    """``train.removal_side`` of the training run (same sources as ``keep_position``)."""
-
-
-EXPORT_INFO_FILE = "icot_jax.json"
-"""What ``icot export-hf`` records, beside the HF files, that the weights alone do not say."""
-_EXPORT_INFO_KEYS = {"join": CHOICES["data.join"], "keep_position": (True, False),
-                     "removal_side": CHOICES["train.removal_side"]}
-
-
-def write_export_info(folder: str | Path, config: Any, source: str | Path | None = None) -> Path:
-    """Write ``icot_jax.json`` into an exported folder: the training run's tokenization join mode,
-    ``train.keep_position`` and ``train.removal_side`` (what evaluation needs to rebuild its prompts and
-    positions), and the run it came from. :func:`load_checkpoint` reads it back."""
-    info = {"join": config.data.join, "keep_position": bool(config.train.keep_position),
-            "removal_side": config.train.removal_side}
-    if source is not None:
-        info["source"] = str(source)
-    path = Path(folder) / EXPORT_INFO_FILE
-    path.write_text(json.dumps(info, indent=2) + "\n")
-    return path
-
-
-def read_export_info(folder: str | Path) -> dict:
-    """The ``icot_jax.json`` of an exported folder, checked; ``{}`` when there is none (an HF folder not
-    written by ``icot export-hf``). Raises ``ValueError`` naming the file and key when it is malformed."""
-    path = Path(folder) / EXPORT_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
-    for key, allowed in _EXPORT_INFO_KEYS.items():
-        if key in info and info[key] not in allowed:
-            raise ValueError(f"{path}: key {key!r} must be one of {list(allowed)}, got {info[key]!r}")
-    return info
-
-
-def load_checkpoint(path: str | Path, *, which: str = "best", dtype: str = "float32",
-                    join: str | None = None) -> Checkpoint:
-    """A run directory's ``best``/``latest`` weights, or a Hugging Face folder in ``dtype``.
-
-    ``join`` overrides the tokenization mode; by default a run uses its config's, an HF folder the one
-    recorded in its ``icot_jax.json`` (:func:`write_export_info`) and, without one, the reference's
-    (``reference``; with the built-in tokenizer both modes give the same ids).
-    """
-    path = Path(path)
-    if (path / "config.yaml").is_file():
-        from icot_jax.runs import load_run_model
-
-        model, tokenizer, config = load_run_model(path, which=which)
-        return Checkpoint(path, model, tokenizer, join or config.data.join, config,
-                          keep_position=config.train.keep_position, removal_side=config.train.removal_side)
-    if (path / "config.json").is_file():
-        from icot_jax.data.tokenize import load_tokenizer
-        from icot_jax.models.hf import load_pretrained
-
-        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-            raise ValueError(f"{path} has no tokenizer (tokenizer.json); export it with its tokenizer")
-        info = read_export_info(path)
-        model, _ = load_pretrained(path, dtype=dtype, param_dtype=dtype)
-        return Checkpoint(path, model, load_tokenizer(path), join or info.get("join", "reference"),
-                          keep_position=info.get("keep_position", False),
-                          removal_side=info.get("removal_side", "left"))
-    raise ValueError(f"{path} is neither a training run directory (config.yaml) nor a Hugging Face folder "
-                     "(config.json + safetensors)")
-
-
 # -------------------------------------------------------------------------------------------- evaluation
 
 
@@ -171,7 +81,7 @@ def read_eval_examples(path: str | Path, limit: int | None = None) -> list[Examp
     return examples
 
 
-def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remove: int, batch_size: int) -> dict:
+def teacher_forced_metrics(checkpoint: OpenedRun, data: EncodedDataset, n_remove: int, batch_size: int) -> dict:
     """Teacher-forced loss, token accuracy and perplexity with ``n_remove`` CoT tokens removed per example
     (no smoothing offsets): the training loop's validation numbers at that point of the curriculum."""
     import numpy as np
@@ -188,7 +98,7 @@ def teacher_forced_metrics(checkpoint: Checkpoint, data: EncodedDataset, n_remov
             **{key.replace("val_", "teacher_forced_"): value for key, value in metrics.items()}}
 
 
-def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, batch_size: int | None = None,
+def evaluate_checkpoint(checkpoint: OpenedRun, examples: Sequence[Example], *, batch_size: int | None = None,
                         max_new_tokens: int = 800, n_remove: int | None = None, progress: bool = True,
                         position_gap: str | int = "auto") -> tuple[GenerationResult, dict]:
     """Generation accuracy and speed (and, with ``n_remove``, teacher-forced metrics) of a checkpoint.
@@ -214,7 +124,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, examples: Sequence[Example], *, 
     else:
         gaps = int(position_gap)
     result = evaluator(checkpoint.model, gaps)
-    metrics = {"checkpoint": str(checkpoint.path), "device": device_description(), **result.metrics(),
+    metrics = {"checkpoint": checkpoint.url, "device": device_description(), **result.metrics(),
                "mean_position_gap": 0.0 if gaps is None else float(np.mean(gaps))}
     if n_remove is not None:
         metrics.update(teacher_forced_metrics(checkpoint, data, n_remove, evaluator.batch_size))
@@ -237,11 +147,11 @@ DEFAULT_MAX_NEW_TOKENS = 800
 """The reference's generation budget, for checkpoints without a run config."""
 
 
-def generation_budget(checkpoint: Checkpoint, prompt_length: int, position_gap: int, requested: int | None) -> int:
+def generation_budget(checkpoint: OpenedRun, prompt_length: int, position_gap: int, requested: int | None) -> int:
     """``max_new_tokens`` for one prompt: ``requested``, by default the run's ``eval.max_new_tokens``
     (:data:`DEFAULT_MAX_NEW_TOKENS` for a Hugging Face folder), capped (with a note on stderr) so that every
     generated token has a row in a learned position table: past it JAX would silently reuse the last row."""
-    run = checkpoint.run_config
+    run = checkpoint.config
     wanted = requested if requested is not None else run.eval.max_new_tokens if run else DEFAULT_MAX_NEW_TOKENS
     n_positions = getattr(checkpoint.model.config, "n_positions", None)
     if n_positions is None:
@@ -256,7 +166,7 @@ def generation_budget(checkpoint: Checkpoint, prompt_length: int, position_gap: 
     return min(wanted, room)
 
 
-def generate_answer(checkpoint: Checkpoint, question: str, *, max_new_tokens: int | None = None,
+def generate_answer(checkpoint: OpenedRun, question: str, *, max_new_tokens: int | None = None,
                     position_gap: str | int = "auto") -> Answer:
     """Greedy-decode one question (multiplication in normal or model notation, or raw text).
 
@@ -314,17 +224,21 @@ def format_answer(answer: Answer) -> str:
 
 def tradeoff(checkpoints: Sequence[str | Path], examples: Sequence[Example], *, labels: Sequence[str] | None = None,
              batch_size: int | None = None, max_new_tokens: int = 800, progress: bool = True,
-             position_gap: str | int = "auto", **load_kwargs) -> list[dict]:
+             position_gap: str | int = "auto", **open_kwargs) -> list[dict]:
     """Accuracy and speed of each checkpoint on the same examples (one row per checkpoint, in order).
 
     ``position_gap`` as in :func:`evaluate_checkpoint` (``auto`` takes a ``keep_position`` checkpoint to be
-    fully internalized; pass a number for partially internalized ones)."""
-    labels = list(labels) if labels else [Path(c).name or str(c) for c in checkpoints]
+    fully internalized; pass a number for partially internalized ones). ``open_kwargs`` go to
+    :func:`icot_jax.runs.open_run` (``which``, ``dtype``, ``join``). Default labels: the last part of each path
+    or URL."""
+    from icot_jax.runs import open_run
+
+    labels = list(labels) if labels else [str(c).rstrip("/").rpartition("/")[2] or str(c) for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise ValueError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
     rows = []
     for label, path in zip(labels, checkpoints):
-        result, _ = evaluate_checkpoint(load_checkpoint(path, **load_kwargs), examples, batch_size=batch_size,
+        result, _ = evaluate_checkpoint(open_run(path, **open_kwargs), examples, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, progress=progress, position_gap=position_gap)
         rows.append({"label": label, "checkpoint": str(path), "accuracy": result.accuracy,
                      "examples_per_second": result.examples_per_second,

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from icot_jax.data.formats import ANSWER_MARKER, Example
 from icot_jax.data.tokenize import EncodedDataset, JoinMode, encode_examples
+from icot_jax.errors import UserError
 
 # ------------------------------------------------------------------------------------------------ scoring
 
@@ -77,7 +78,7 @@ class DecodeSettings:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.stop_after_eos is not None and self.stop_after_eos < 1:
             raise ValueError(f"stop_after_eos must be >= 1 or None, got {self.stop_after_eos}")
         if self.temperature < 0:
@@ -356,10 +357,10 @@ class GenerationEvaluator:
                  batch_size: int | None = None, settings: DecodeSettings = DecodeSettings(),
                  join: JoinMode = "reference", seed: int = 0, progress: bool = True):
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         encoded = data if isinstance(data, EncodedDataset) else encode_examples(data, tokenizer, mode=join)
         if len(encoded) == 0:
-            raise ValueError("no examples to evaluate")
+            raise UserError("no examples to evaluate")
         batch_size = auto_batch_size(len(encoded)) if batch_size is None else batch_size
         self.tokenizer, self.data, self.batch_size, self.settings = tokenizer, encoded, batch_size, settings
         self.seed, self.progress = seed, progress

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from icot_jax.config import Mode, RemovalSide
 
 REMOVE_ALL = 2**30
 """``n_remove`` sentinel for "remove the whole CoT". Larger than any CoT; :func:`remove_cot` clips it to
@@ -27,8 +30,6 @@ sequence length."""
 
 OFFSET_SUPPORT = 100
 """Smoothing offsets take values ``0 .. OFFSET_SUPPORT - 1`` (the reference's ``truncate_length``)."""
-
-MODES = ("icot", "explicit", "no_cot")
 
 _OFFSET_STREAM = 0x1C07
 """Third word of the offsets' NumPy seed, so no other (seed, step) stream in the run can collide."""
@@ -222,7 +223,7 @@ class Curriculum:
     """
 
     schedule: Schedule
-    mode: str = "icot"
+    mode: Mode = "icot"
     smoothing_lambda: float = math.inf
     """λ of :func:`offset_distribution`; ``math.inf`` disables smoothing."""
     reset_optimizer: bool = True
@@ -234,8 +235,8 @@ class Curriculum:
     def __post_init__(self):
         if self.max_len_train is not None and self.max_len_train < 1:
             raise ValueError(f"max_len_train must be >= 1 or None, got {self.max_len_train}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in typing.get_args(Mode):
+            raise ValueError(f"mode must be one of {typing.get_args(Mode)}, got {self.mode!r}")
         offset_distribution(self.smoothing_lambda)  # validates λ
 
     def state(self, step: int, scheduled: ScheduleState | None = None) -> ScheduleState:
@@ -334,7 +335,7 @@ class Removed(NamedTuple):
     """``int32[B]``: tokens actually removed (``n_remove`` clipped to ``[0, CoT length]``)."""
 
 
-def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.typing.ArrayLike, *, side: str = "left",
+def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.typing.ArrayLike, *, side: RemovalSide = "left",
                keep_position: bool = False, pad_id: int, width: int | None = None) -> Removed:
     """Delete ``n_remove[i]`` CoT tokens from row ``i`` and shift the rest left, inside jit.
 
@@ -352,7 +353,7 @@ def remove_cot(input_ids: jax.Array, seps: jax.Array, n_remove: jax.typing.Array
     the token just before the span -- an off-by-one we do not reproduce.) ``n_remove`` is any integer
     array-like of length ``B`` (a list works); it is cast to ``int32``.
     """
-    if side not in ("left", "right"):
+    if side not in typing.get_args(RemovalSide):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     input_ids, seps, n_remove = jnp.asarray(input_ids), jnp.asarray(seps), jnp.asarray(n_remove)
     length = input_ids.shape[1]

@@ -14,9 +14,12 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from etils import epath
+
+from icot_jax.errors import MissingPathError
 
 MIRRORED_SKIP = ("checkpoints", "best", "lock")
 """Top-level entries never mirrored: the folders that orbax writes to the run directory itself, and the
@@ -54,11 +57,11 @@ class RunDir:
         """``url/name`` as a string (for orbax, which accepts both local paths and URLs)."""
         return f"{self.url.rstrip('/')}/{name}"
 
-    def _files(self, root: epath.Path, relative: Path = Path()):
-        """``(relative path, file)`` under ``root``, :data:`MIRRORED_SKIP` skipped (one listing per folder:
-        epath refuses recursive globs on GCS)."""
+    def _files(self, root: epath.Path, relative: Path = Path(), names: Collection[str] | None = None):
+        """``(relative path, file)`` under ``root``, :data:`MIRRORED_SKIP` skipped, and at the top only
+        ``names`` if given (one listing per folder: epath refuses recursive globs on GCS)."""
         for entry in root.iterdir():
-            if relative == Path() and entry.name in MIRRORED_SKIP:
+            if relative == Path() and (entry.name in MIRRORED_SKIP or (names is not None and entry.name not in names)):
                 continue
             if entry.is_dir():
                 yield from self._files(entry, relative / entry.name)
@@ -91,14 +94,15 @@ class RunDir:
             target.unlink()
         self._pushed = {path: version for path, version in self._pushed.items() if path.parts[:1] != (name,)}
 
-    def pull(self) -> None:
-        """Copy the run directory's files (checkpoint folders excluded) into the local mirror."""
+    def pull(self, names: Collection[str] | None = None) -> None:
+        """Copy the run directory's files (checkpoint folders excluded) into the local mirror; with
+        ``names``, only those top-level files and folders (e.g. what opening a finished run reads)."""
         if not self.mirrored:
             return
         remote = epath.Path(self.url)
         if not remote.exists():
-            raise FileNotFoundError(f"{self.url}: run directory not found")
-        for relative, file in self._files(remote):
+            raise MissingPathError(f"{self.url}: run directory not found")
+        for relative, file in self._files(remote, names=names):
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(file.read_bytes())

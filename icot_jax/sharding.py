@@ -38,6 +38,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from icot_jax.config import MeshConfig
+from icot_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 """Mesh axis names, outermost first: data-parallel replicas, fully-sharded data parallel, tensor parallel."""
@@ -71,21 +72,21 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     ``num_devices`` counts every slice; ``config.dcn_data`` slices each hold ``num_devices / dcn_data``.
     """
     if config.dcn_data < 1 or num_devices % config.dcn_data:
-        raise ValueError(f"mesh.dcn_data={config.dcn_data} must be >= 1 and divide the {num_devices} devices")
+        raise UserError(f"mesh.dcn_data={config.dcn_data} must be >= 1 and divide the {num_devices} devices")
     per_slice = num_devices // config.dcn_data
     sizes = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
     unknown = [name for name, size in sizes.items() if size == -1]
     bad = [f"mesh.{name}={size}" for name, size in sizes.items() if size < 1 and size != -1]
     if bad or len(unknown) > 1:
-        raise ValueError(f"mesh sizes must be >= 1 with at most one -1, got {', '.join(bad) or sizes}")
+        raise UserError(f"mesh sizes must be >= 1 with at most one -1, got {', '.join(bad) or sizes}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if per_slice % known:
-            raise ValueError(f"mesh: {per_slice} devices per slice are not divisible by the fixed sizes "
+            raise UserError(f"mesh: {per_slice} devices per slice are not divisible by the fixed sizes "
                              f"{sizes} (product {known}) to fill mesh.{unknown[0]}=-1")
         sizes[unknown[0]] = per_slice // known
     if math.prod(sizes.values()) != per_slice:
-        raise ValueError(f"mesh: data×fsdp×tensor = {sizes} needs {math.prod(sizes.values())} devices per slice, "
+        raise UserError(f"mesh: data×fsdp×tensor = {sizes} needs {math.prod(sizes.values())} devices per slice, "
                          f"but there are {per_slice} ({num_devices} devices / mesh.dcn_data={config.dcn_data})")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
@@ -220,7 +221,7 @@ class Setup:
     def check_batch_size(self, rows: int, key: str) -> None:
         """Raise naming config ``key`` unless ``rows`` splits evenly over the batch axes."""
         if rows % self.batch_divisor:
-            raise ValueError(f"{key}={rows} rows cannot be split over data×fsdp = {self.batch_divisor} devices "
+            raise UserError(f"{key}={rows} rows cannot be split over data×fsdp = {self.batch_divisor} devices "
                              f"(mesh {dict(self.mesh.shape)}); use a multiple of {self.batch_divisor}")
 
     def shardings(self, tree: Any) -> Any:
@@ -266,7 +267,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if any(value is not None for value in given.values()):
         missing = [name for name, value in given.items() if value is None]
         if missing:
-            raise ValueError(f"multi-host setup needs coordinator_address, num_processes and process_id "
+            raise UserError(f"multi-host setup needs coordinator_address, num_processes and process_id "
                              f"(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); missing {missing}")
         jax.distributed.initialize(address, count, index)
         return True
@@ -283,7 +284,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={text!r} is not an integer") from None
 
 
 def _on_cloud_tpu_vm() -> bool:

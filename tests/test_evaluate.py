@@ -6,21 +6,28 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import transformers
 
 from icot_jax.cli import main
 from icot_jax.data.formats import Example, write_examples
-from icot_jax.evaluation import (Answer, Checkpoint, evaluate_checkpoint, format_answer, generate_answer,
-                                 multiplication_operands, reversed_digits_value, to_model_notation)
+from icot_jax.evaluation import (Answer, evaluate_checkpoint, format_answer, generate_answer, multiplication_operands,
+                                 reversed_digits_value, to_model_notation)
 from icot_jax.models.hf import export_pretrained, from_config
+from icot_jax.runs import OpenedRun
 
 EXAMPLES = [Example("3 1 * 2 4", "6 2 1 + 0 4 ( 6 6 5 )", "#### 6 6 5 0"),
             Example("7 * 9", "3 6", "#### 3 6"),
             Example("5 2 * 1 1", "5 2 + 0 5 2", "#### 5 7 2 0"),
             Example("9 9 * 9 9", "1 8 9 + 0 1 8 9 ( 1 0 8 9 )", "#### 1 0 8 9"),
             Example("2 * 3", "6", "#### 6")]
+
+
+def in_memory(folder, model, tokenizer, **fields) -> OpenedRun:
+    """An already loaded model as `open_run` would return it for ``folder``."""
+    return OpenedRun(str(folder), model, tokenizer, model.config, **fields)
 
 
 def run_cli(argv: list[str]) -> int:
@@ -86,9 +93,9 @@ def test_eval_command_on_hf_folder(hf_folder, data_file, builtin_tokenizer, tmp_
     assert printed["teacher_forced_loss"] > 0 and math.isfinite(printed["teacher_forced_ppl"])
     predictions = [json.loads(line) for line in out.with_name("eval_predictions.jsonl").read_text().splitlines()]
     # The exported folder decodes exactly as the in-memory model it came from.
-    in_memory, _ = evaluate_checkpoint(Checkpoint(folder, model, builtin_tokenizer, "reference"), EXAMPLES,
-                                       batch_size=2, max_new_tokens=12, progress=False)
-    assert [p["generated_text"] for p in predictions] == [p.generated_text for p in in_memory.predictions]
+    loaded, _ = evaluate_checkpoint(in_memory(folder, model, builtin_tokenizer), EXAMPLES,
+                                    batch_size=2, max_new_tokens=12, progress=False)
+    assert [p["generated_text"] for p in predictions] == [p.generated_text for p in loaded.predictions]
     assert [p["target_answer"] for p in predictions] == [e.answer for e in EXAMPLES]
 
 
@@ -119,11 +126,11 @@ def test_generate_budget_defaults_to_the_run_and_is_capped_by_the_position_table
     from icot_jax.evaluation import generation_budget
 
     folder, model = hf_folder  # 64 positions
-    run = Checkpoint(folder, model, builtin_tokenizer, "reference", run_config=load_config(DEMO_CONFIG))
+    run = in_memory(folder, model, builtin_tokenizer, config=load_config(DEMO_CONFIG))
     assert generation_budget(run, 6, 0, None) == 32  # the demo's eval.max_new_tokens
     assert generation_budget(run, 6, 0, 50) == 50
     assert capsys.readouterr().err == ""
-    exported = Checkpoint(folder, model, builtin_tokenizer, "reference")
+    exported = in_memory(folder, model, builtin_tokenizer)
     assert generation_budget(exported, 6, 4, None) == 54  # 800 does not fit: 64 - 6 - 4
     assert "max_new_tokens capped at 54 (asked for 800): the model has 64 positions and the prompt takes 6 and " \
            "the position gap 4" in capsys.readouterr().err
@@ -150,7 +157,7 @@ def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, buil
     from icot_jax.removal import REMOVE_ALL
 
     folder, model = hf_folder
-    checkpoint = Checkpoint(folder, model, builtin_tokenizer, "reference", keep_position=True)
+    checkpoint = in_memory(folder, model, builtin_tokenizer, keep_position=True)
     data = encode_examples(EXAMPLES, builtin_tokenizer)
     cot_lengths = keep_position_gaps(data, REMOVE_ALL)
     assert cot_lengths.tolist() == [len(e.cot.split()) for e in EXAMPLES]
@@ -159,7 +166,7 @@ def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, buil
     auto, metrics = evaluate_checkpoint(checkpoint, EXAMPLES, batch_size=2, max_new_tokens=800, progress=False)
     assert [p.generated_text for p in auto.predictions] == expected
     assert metrics["mean_position_gap"] == pytest.approx(cot_lengths.mean())
-    plain, metrics = evaluate_checkpoint(Checkpoint(folder, model, builtin_tokenizer, "reference"), EXAMPLES,
+    plain, metrics = evaluate_checkpoint(in_memory(folder, model, builtin_tokenizer), EXAMPLES,
                                          batch_size=2, progress=False)
     assert metrics["mean_position_gap"] == 0 and [p.generated_text for p in plain.predictions] != expected
     # generate: the gap of a multiplication question is the length of the CoT its operands give.
@@ -171,30 +178,31 @@ def test_keep_position_runs_decode_after_a_gap_of_the_cot_length(hf_folder, buil
 
 def test_export_info_restores_join_and_keep_position(hf_folder, tmp_path):
     """An exported folder's icot_jax.json (written by `icot export-hf`) sets the join mode and position
-    handling that `load_checkpoint` would otherwise default to the reference's."""
+    handling that `open_run` would otherwise default to the reference's."""
+    import dataclasses
     import shutil
-    from types import SimpleNamespace
 
-    from icot_jax.evaluation import load_checkpoint, read_export_info, write_export_info
+    from icot_jax.errors import UserError
+    from icot_jax.runs import open_run, read_export_info, write_export_info
 
     folder = tmp_path / "exported"
     shutil.copytree(hf_folder[0], folder)
-    plain = load_checkpoint(folder)
+    plain = open_run(folder)
     assert (plain.join, plain.keep_position, plain.removal_side) == ("reference", False, "left")
-    run_config = SimpleNamespace(data=SimpleNamespace(join="segments"),
-                                 train=SimpleNamespace(keep_position=True, removal_side="right"))
-    write_export_info(folder, run_config, source="runs/x")
+    assert (plain.config, plain.which, plain.step, plain.url) == (None, None, None, str(folder))
+    trained = dataclasses.replace(plain, url="runs/x", join="segments", keep_position=True, removal_side="right")
+    write_export_info(folder, trained)
     assert read_export_info(folder) == {"join": "segments", "keep_position": True, "removal_side": "right",
-                                        "source": "runs/x"}
-    loaded = load_checkpoint(folder)
+                                        "source": str(Path("runs/x").resolve())}
+    loaded = open_run(folder)
     assert (loaded.join, loaded.keep_position, loaded.removal_side) == ("segments", True, "right")
-    assert load_checkpoint(folder, join="reference").join == "reference"  # --join still overrides
+    assert open_run(folder, join="reference").join == "reference"  # --join still overrides
     (folder / "icot_jax.json").write_text('{"join": "words"}')
-    with pytest.raises(ValueError, match=r"icot_jax.json: key 'join' must be one of"):
-        load_checkpoint(folder)
+    with pytest.raises(UserError, match=r"icot_jax.json: key 'join' must be one of"):
+        open_run(folder)
     (folder / "icot_jax.json").write_text('{"join": ')
-    with pytest.raises(ValueError, match=r"icot_jax.json: not valid JSON"):
-        load_checkpoint(folder)
+    with pytest.raises(UserError, match=r"icot_jax.json: not valid JSON"):
+        open_run(folder)
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, data_file):

@@ -1,4 +1,4 @@
-"""The training loop end to end: resume after SIGKILL, SIGTERM, NaN stop, best logic, metrics, configs."""
+"""The training loop end to end: resume after SIGKILL, SIGTERM, NaN stop, best logic, metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icot_jax.config import DEMO_CONFIG, ConfigError, load_config
+from icot_jax.config import DEMO_CONFIG, load_config
 from icot_jax.loop.state import is_new_best
 from icot_jax.loop.training import train
 
@@ -77,9 +77,9 @@ def _final_params(run_dir: Path) -> list[np.ndarray]:
     import jax
     from flax import nnx
 
-    from icot_jax.runs import load_run_model
+    from icot_jax.runs import open_run
 
-    model, _, _ = load_run_model(run_dir, which="latest")
+    model = open_run(run_dir, which="latest").model
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
@@ -207,40 +207,10 @@ def test_best_rule_matches_reference():
     assert is_new_best(0.9, 0.95, reset=False)
 
 
-def test_config_errors_name_file_and_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {from_scratch: true}\ndata: {generate_digits: 2}\ntrain: {learning_rate: 1}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.learning_rate'"):
-        load_config(bad)
-    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch'; did you mean 'epochs'"):
-        load_config(DEMO_CONFIG, ["train.epoch=3"])
-    with pytest.raises(ConfigError, match=r"'train.removal_side' is 'middle'"):
-        load_config(DEMO_CONFIG, ["train.removal_side=middle"])
-    with pytest.raises(ConfigError, match=r"must be an integer"):
-        load_config(DEMO_CONFIG, ["train.batch_size=big"])
-    with pytest.raises(ConfigError, match=r"divisible by train.accumulate_steps"):
-        load_config(DEMO_CONFIG, ["train.batch_size=30", "train.accumulate_steps=4"])
-    loop = tmp_path / "loop.yaml"
-    loop.write_text("base: loop.yaml\n")
-    with pytest.raises(ConfigError, match="loops back"):
-        load_config(loop)
-
-
 def test_position_shift_must_fit_the_position_table(tmp_path):
     config = load_config(DEMO_CONFIG, [*TINY, "train.random_position_shift=40", f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"random_position_shift=40 need \d+ positions; the model has 32"):
         train(config, progress=False)
-    with pytest.raises(ConfigError, match=r"'train.warmup_steps' must be >= 0"):
-        load_config(DEMO_CONFIG, ["train.warmup_steps=-1"])
-
-
-def test_demo_is_the_documented_2x2_recipe():
-    """README and docs/RESULTS.md quote the demo as configs/cpu/mult_2x2_tiny_icot.yaml under another name."""
-    import dataclasses
-
-    demo = dataclasses.asdict(load_config(DEMO_CONFIG))
-    recipe = dataclasses.asdict(load_config(REPO / "configs" / "cpu" / "mult_2x2_tiny_icot.yaml"))
-    assert {**demo, "name": recipe["name"]} == recipe
 
 
 def test_resume_refuses_a_config(tmp_path):
@@ -248,14 +218,6 @@ def test_resume_refuses_a_config(tmp_path):
 
     with pytest.raises(SystemExit, match="--resume"):
         main(["train", "--resume", str(tmp_path), str(DEMO_CONFIG)])
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("[!_]*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-    config = load_config(path)
-    assert config.name == path.stem
-    if "paper" in path.parts:
-        assert config.model.hf and config.data.train
 
 
 def test_hosts_plan_the_global_batch_and_keep_their_rows(tmp_path):
@@ -288,11 +250,11 @@ def test_export_hf_records_how_the_run_was_trained(uninterrupted, tmp_path):
     """`icot export-hf` writes icot_jax.json, so the exported folder evaluates like its run directory (here
     `join: segments`, where an HF folder without the file defaults to `reference`)."""
     from icot_jax.cli import main
-    from icot_jax.evaluation import load_checkpoint
+    from icot_jax.runs import open_run
 
     out = tmp_path / "exported"
     assert main(["export-hf", str(uninterrupted), str(out)]) == 0
-    run, exported = load_checkpoint(uninterrupted), load_checkpoint(out)
+    run, exported = open_run(uninterrupted), open_run(out)
     assert (exported.join, exported.keep_position) == (run.join, run.keep_position) == ("segments", False)
     assert exported.removal_side == run.removal_side == "left"
     assert json.loads((out / "icot_jax.json").read_text())["source"] == str(uninterrupted.resolve())

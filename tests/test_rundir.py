@@ -51,6 +51,18 @@ def test_pull_restores_a_fresh_mirror(tmp_path):
         RunDir(tmp_path / "missing", mirror_root=tmp_path / "mirrors").pull()
 
 
+def test_pull_of_named_entries_copies_only_those(tmp_path):
+    """What opening a finished run reads (config, tokenizer, model config), not its data or metrics."""
+    remote = tmp_path / "remote"
+    for name in ("model/config.json", "tokenizer/tokenizer.json", "data/train.txt", "config.yaml", "metrics.jsonl"):
+        (remote / name).parent.mkdir(parents=True, exist_ok=True)
+        (remote / name).write_text(name)
+    run = RunDir(remote, mirror_root=tmp_path / "mirrors")
+    run.pull(("config.yaml", "tokenizer", "model"))
+    assert sorted(str(p.relative_to(run.local)) for p in run.local.rglob("*") if p.is_file()) == [
+        "config.yaml", "model/config.json", "tokenizer/tokenizer.json"]
+
+
 def test_remove_remote_deletes_a_part_the_mirror_rewrites(tmp_path):
     remote = tmp_path / "remote"
     (remote / "tensorboard").mkdir(parents=True)

@@ -22,6 +22,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Multiplication in normal notation (3719*3349) is converted to the "
                                           "models' reversed notation and the answer back; other text is used as is.")
     g.add_argument("question", help="e.g. '3719*3349', '9 1 7 3 * 9 4 3 3' or a GSM8K question")
-    g.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder")
+    g.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face folder (local or gs://)")
     options.checkpoint_options(g, data=False)
     g.set_defaults(run=run_generate)

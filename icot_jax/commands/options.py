@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
-from icot_jax.data.tokenize import JoinMode
-from icot_jax.evaluation import DEFAULT_MAX_NEW_TOKENS, Checkpoint, load_checkpoint
+from icot_jax.config import DType, JoinMode
+from icot_jax.evaluation import DEFAULT_MAX_NEW_TOKENS
 from icot_jax.removal import REMOVE_ALL
 
+if TYPE_CHECKING:
+    from icot_jax.runs import OpenedRun
 
-def load(args: argparse.Namespace, path: str | Path) -> Checkpoint:
-    """The checkpoint at ``path`` as the command's ``--which``, ``--dtype`` and ``--join`` ask."""
-    return load_checkpoint(path, which=args.which, dtype=args.dtype, join=args.join)
+
+def load(args: argparse.Namespace, url: str) -> OpenedRun:
+    """The checkpoint at ``url`` (local or ``gs://``) as the command's ``--which``, ``--dtype`` and ``--join``
+    ask."""
+    from icot_jax.runs import open_run  # orbax and jax: not for `icot --help`
+
+    return open_run(url, which=args.which, dtype=args.dtype, join=args.join)
 
 
 def parse_n_remove(text: str) -> int:
@@ -38,9 +43,10 @@ def parse_position_gap(text: str) -> str | int:
 def checkpoint_options(parser: argparse.ArgumentParser, *, data: bool) -> None:
     """Options shared by ``eval``, ``tradeoff`` (``data``: they read a data file) and ``generate``."""
     parser.add_argument("--which", choices=("best", "latest"), default="best",
-                        help="weights of a run directory (default: best)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="dtype of a Hugging Face folder's weights and compute (default: float32)")
+                        help="weights of a run directory (default: best; latest when it has no best yet)")
+    parser.add_argument("--dtype", choices=get_args(DType),
+                        help="dtype of the weights and compute (default: a run's model.dtype and model.param_dtype, "
+                             "float32 for a Hugging Face folder)")
     parser.add_argument("--join", choices=get_args(JoinMode),
                         help="tokenization mode of training (default: the run's, or 'reference')")
     if data:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
+from icot_jax.errors import MissingPathError, UserError
+
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
@@ -27,7 +29,7 @@ ANSWER_MARKER = "####"
 _CALCULATOR_ANNOTATION = re.compile(r"<<([^<>]*)>>")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A line or record that does not follow the expected format."""
 
 
@@ -150,6 +152,8 @@ def _parse_file(path: Path, parse: Callable[[str], Example], on_error: OnError) 
     examples: list[Example] = []
     line_numbers: list[int] = []
     skipped: list[str] = []
+    if not path.is_file():
+        raise MissingPathError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from icot_jax.data.tokenize import EncodedDataset, smallest_bucket
+from icot_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 
@@ -43,7 +44,7 @@ class BatchLoader:
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if len(data) == 0:
-            raise ValueError("cannot load batches from an empty dataset")
+            raise UserError("cannot load batches from an empty dataset")
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
         if not 0 <= process_index < process_count:

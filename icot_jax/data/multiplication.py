@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from icot_jax.data.formats import DataFormatError, Example, parse_line, read_examples
+from icot_jax.errors import UserError
 
 Pair = tuple[int, int]
 SPLITS = ("train", "valid", "test")
@@ -39,7 +40,7 @@ def format_example(a: int, b: int) -> str:
     len(a)+len(b) digits.
     """
     if not (isinstance(a, int) and isinstance(b, int)) or a < 1 or b < 1:
-        raise ValueError(f"operands must be positive integers, got {a!r} and {b!r}")
+        raise UserError(f"operands must be positive integers, got {a!r} and {b!r}")
     ka, kb = len(str(a)), len(str(b))
     steps, running = [], 0
     for i, digit in enumerate(reversed(str(b))):
@@ -100,7 +101,7 @@ def _uniform_operands(rng: np.random.Generator, digits: int, n: int) -> list[int
 def sample_pairs(rng: np.random.Generator, digits: int, n: int, exclude: AbstractSet[Pair] = frozenset()) -> list[Pair]:
     """`n` distinct uniform pairs of `digits`-digit operands, none of them in `exclude`."""
     if not MIN_DIGITS <= digits <= MAX_DIGITS:
-        raise ValueError(f"digits must be in [{MIN_DIGITS}, {MAX_DIGITS}], got {digits}")
+        raise UserError(f"digits must be in [{MIN_DIGITS}, {MAX_DIGITS}], got {digits}")
     low = 10 ** (digits - 1)
     excluded = {(a, b) for a, b in exclude if low <= a < 10 * low and low <= b < 10 * low}
     available = count_pairs(digits) - len(excluded)
@@ -142,7 +143,7 @@ def generate_splits(
     """
     digits = sorted(set(digits))
     if not digits:
-        raise ValueError("digits must name at least one K")
+        raise UserError("digits must name at least one K")
     shares = {split: _split_evenly(sizes.get(split, 0), len(digits)) for split in SPLITS}
     splits: dict[str, list[Pair]] = {split: [] for split in SPLITS}
     for j, k in enumerate(digits):

@@ -16,21 +16,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from icot_jax.config import ErrorOrSkip, JoinMode
 from icot_jax.data.formats import Example, read_examples
+from icot_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-JoinMode = Literal["reference", "segments"]
-OnOverlength = Literal["error", "skip"]
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -66,7 +65,7 @@ def load_tokenizer(name_or_path: str | Path, *, local_files_only: bool = False) 
     `local_files_only=True` never asks the hub (a folder or the local cache, else `OSError`)."""
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path} has no EOS token, which separates the segments")
+        raise UserError(f"tokenizer {name_or_path} has no EOS token, which separates the segments")
     return tokenizer
 
 
@@ -103,7 +102,7 @@ def encode_examples(
     mode: JoinMode = "reference",
     max_length: int | None = None,
     buckets: Sequence[int] | None = None,
-    on_overlength: OnOverlength = "error",
+    on_overlength: ErrorOrSkip = "error",
     source: str | Path | None = None,
 ) -> EncodedDataset:
     """Tokenizes examples into an `EncodedDataset`.
@@ -114,9 +113,9 @@ def encode_examples(
     file in error messages.
     """
     if not examples:
-        raise ValueError(f"no examples to encode{_where(source)}")
-    if on_overlength not in ("error", "skip"):
-        raise ValueError(f"on_overlength must be 'error' or 'skip', got {on_overlength!r}")
+        raise UserError(f"no examples to encode{_where(source)}")
+    if on_overlength not in typing.get_args(ErrorOrSkip):
+        raise ValueError(f"on_overlength must be one of {typing.get_args(ErrorOrSkip)}, got {on_overlength!r}")
     buckets = _checked_buckets(buckets)
     _check_no_eos_in_content(examples, tokenizer.eos_token, source)
     eos_id, prefix = tokenizer.eos_token_id, _special_prefix(tokenizer)
@@ -147,7 +146,7 @@ def smallest_bucket(buckets: Sequence[int], length: int) -> int:
     """The smallest of the sorted `buckets` that holds `length` tokens."""
     i = int(np.searchsorted(buckets, length))
     if i == len(buckets):
-        raise ValueError(f"a row of {length} tokens fits no bucket (largest: {buckets[-1]})")
+        raise UserError(f"a row of {length} tokens fits no bucket (largest: {buckets[-1]})")
     return int(buckets[i])
 
 
@@ -163,7 +162,7 @@ def _where(source: str | Path | None) -> str:
 def _checked_buckets(buckets: Sequence[int] | None) -> tuple[int, ...]:
     buckets = tuple(sorted(set(int(b) for b in buckets or ())))
     if buckets and buckets[0] < 1:
-        raise ValueError(f"buckets must be positive lengths, got {buckets}")
+        raise UserError(f"data.buckets must be positive lengths, got {buckets}")
     return buckets
 
 
@@ -174,7 +173,7 @@ def _length_limit(buckets: tuple[int, ...], max_length: int | None) -> tuple[int
     return min(limits, default=None)
 
 
-class OverlengthError(ValueError):
+class OverlengthError(UserError):
     """Examples are longer than the length limit: ``detail`` says how many and by how much, ``first`` is
     the index of the first one (callers that know its line or config key can say more)."""
 
@@ -185,7 +184,7 @@ class OverlengthError(ValueError):
 
 
 def _check_max_length(
-    lengths: np.ndarray, limit: tuple[int, str] | None, on_overlength: OnOverlength, source: str | Path | None
+    lengths: np.ndarray, limit: tuple[int, str] | None, on_overlength: ErrorOrSkip, source: str | Path | None
 ) -> np.ndarray:
     """Mask of the rows to keep; raises or logs about the rows longer than `limit`."""
     if limit is None:
@@ -218,8 +217,8 @@ def _tokenize_rows(
     examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, mode: JoinMode, prefix: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """All rows' ids concatenated (int32) and each row's length."""
-    if mode not in ("reference", "segments"):
-        raise ValueError(f"mode must be 'reference' or 'segments', got {mode!r}")
+    if mode not in typing.get_args(JoinMode):
+        raise ValueError(f"mode must be one of {typing.get_args(JoinMode)}, got {mode!r}")
     eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     flats, lengths = [], []
     progress = tqdm(

@@ -20,10 +20,12 @@ import os
 import socket
 from pathlib import Path
 
+from icot_jax.errors import UserPathError
+
 LOCK_FILE = "lock"
 
 
-class RunDirLocked(OSError):
+class RunDirLocked(UserPathError):
     """Another live process holds the run directory."""
 
 

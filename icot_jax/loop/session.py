@@ -17,6 +17,7 @@ import jax
 from etils import epath
 
 from icot_jax.config import Config, save_config
+from icot_jax.errors import MissingPathError, UserError, UserPathError
 from icot_jax.loop.lock import RunDirLocked, RunLock
 from icot_jax.loop.resume import record_config_changes, resume_config
 from icot_jax.rundir import NewRunFiles, RunDir
@@ -55,7 +56,7 @@ class RunSession:
         if self.resumed:
             self.run.pull()
             if not (self.run.local / "config.yaml").is_file():
-                raise FileNotFoundError(f"{self.run.url} is not a run directory of `icot train` (no config.yaml)")
+                raise MissingPathError(f"{self.run.url} is not a run directory of `icot train` (no config.yaml)")
         try:
             if not self.resumed:
                 self._new_files.create()
@@ -65,7 +66,7 @@ class RunSession:
             raise
         except OSError as error:
             path = error.filename or self.run.local
-            raise OSError(f"run_dir {self.run.url}: cannot write {path}: {error.strerror or error}") from None
+            raise UserPathError(f"run_dir {self.run.url}: cannot write {path}: {error.strerror or error}") from None
         if self.lock is not None and self.lock.describe_stale():
             say(f"{self.run.url}: {self.lock.describe_stale()}")
 
@@ -76,10 +77,10 @@ class RunSession:
             self.config, self.changes = resume_config(self.run.local / "config.yaml", overrides)
             return self.config
         if overrides:
-            raise ValueError("overrides are for a resumed run; apply a new run's with load_config")
+            raise UserError("overrides are for a resumed run; apply a new run's with load_config")
         saved = epath.Path(self.run.path("checkpoints"))
         if saved.exists() and any(saved.iterdir()):
-            raise FileExistsError(f"{self.run.url} already holds checkpoints: use `icot train --resume {self.run.url}`")
+            raise UserPathError(f"{self.run.url} already holds checkpoints: use `icot train --resume {self.run.url}`")
         self.config = dataclasses.replace(config, run_dir=self.run.url)
         return self.config
 

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from icot_jax.errors import MissingPathError, UserError
 from icot_jax.models.common import CausalLM, DTypeLike
 from icot_jax.models.gpt2 import params as gpt2_params
 from icot_jax.models.keymap import Family, TensorRule
@@ -42,7 +43,7 @@ ShardingsArg = (jax.sharding.Sharding | nnx.State | Mapping
                 | Callable[[str, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint's tensors do not match the model its config describes."""
 
 
@@ -60,7 +61,7 @@ def family_for(hf_config: transformers.PretrainedConfig) -> Family:
     """The registered family of ``hf_config.model_type``."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+        raise UserError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
@@ -160,7 +161,7 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
         return Path(snapshot_download(str(path_or_name),
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # the hub raises many types (offline, not found, gated); all mean the same here
-        raise FileNotFoundError(f"{str(path_or_name)!r} is not a local folder and could not be fetched from "
+        raise MissingPathError(f"{str(path_or_name)!r} is not a local folder and could not be fetched from "
                                 f"the Hugging Face Hub: {err}") from err
 
 
@@ -172,7 +173,7 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     if (path / SINGLE_FILE).exists():
         with safe_open(path / SINGLE_FILE, framework="flax") as f:
             return {key: path / SINGLE_FILE for key in f.keys()}
-    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
+    raise MissingPathError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are read)")
 
 
 def _canonical_key(key: str, plan: Mapping[str, _Entry], base_prefix: str) -> str:
