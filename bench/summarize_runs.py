@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from icot_jax.loop.logs import plot_run, read_metrics
+from icot_jax.loop.logs import count_spans, plot_run, read_metrics
 
 
 def summarize(run_dir: Path) -> dict:
@@ -65,6 +65,31 @@ def removal_shocks(run_dir: Path) -> list[tuple[int, float, float]]:
     return shocks
 
 
+def steps_per_removed_token(spans: list[tuple[int, int, str | None]]) -> float | None:
+    """Mean steps a removed token got: the steps at every count after the first (which removes nothing new)
+    over the tokens removed from the first count to the last one left (``None`` before two advances)."""
+    if len(spans) < 2:
+        return None
+    return sum(steps for _, steps, _ in spans[1:]) / (spans[-1][0] - spans[0][0])
+
+
+def print_removals(run: Path) -> None:
+    """Token accuracy before/after each removal, and the steps spent at each scheduled count."""
+    shocks = removal_shocks(run)
+    if shocks:
+        drops = [before - after for _, before, after in shocks]
+        print(f"\n{run.name}: token accuracy before -> after each removal (scheduled count: before/after)")
+        print("  " + "  ".join(f"{n}: {b:.2f}/{a:.2f}" for n, b, a in shocks))
+        print(f"  mean drop {sum(drops) / len(drops):.3f} over {len(shocks)} removals")
+    spans = count_spans(read_metrics(run / "metrics.jsonl"))
+    if spans:
+        print(f"{run.name}: steps at each scheduled count before it advanced (count: steps, why)")
+        print("  " + "  ".join(f"{count}: {steps}" + (f" {why}" if why else "") for count, steps, why in spans))
+        mean = steps_per_removed_token(spans)
+        if mean is not None:
+            print(f"  {mean:.0f} steps per removed token (counts {spans[1][0]}-{spans[-1][0]})")
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -76,7 +101,8 @@ def main() -> None:
                         help="(re)draw each run's curriculum.png (schedule and accuracies over steps), also for "
                              "runs stopped before their end")
     parser.add_argument("--removals", action="store_true",
-                        help="also print each run's token accuracy just before/after every schedule advance")
+                        help="also print each run's token accuracy just before/after every schedule advance "
+                             "and the steps spent at each scheduled count")
     args = parser.parse_args()
     rows = [summarize(run) for run in args.runs]
     if args.plot:
@@ -94,12 +120,7 @@ def main() -> None:
               f"| {_fmt(r.get('eval_tokens_per_example'), '.1f')} | {_fmt(r['train_step_compiles'], 'd')} |")
     if args.removals:
         for run in args.runs:
-            shocks = removal_shocks(run)
-            if shocks:
-                drops = [before - after for _, before, after in shocks]
-                print(f"\n{run.name}: token accuracy before -> after each removal (scheduled count: before/after)")
-                print("  " + "  ".join(f"{n}: {b:.2f}/{a:.2f}" for n, b, a in shocks))
-                print(f"  mean drop {sum(drops) / len(drops):.3f} over {len(shocks)} removals")
+            print_removals(run)
     print(json.dumps(rows))
 
 

@@ -43,6 +43,8 @@ DType = Literal["float32", "bfloat16"]
 """``model.dtype`` and ``model.param_dtype``."""
 Remat = Literal["none", "full", "dots"]
 """``mesh.remat``: no rematerialisation, recompute each block, or save only matmul outputs."""
+ScheduleKind = Literal["fixed", "adaptive"]
+"""``train.schedule``: Δ tokens per epoch (the reference), or advance once the model has recovered."""
 
 
 class ConfigError(UserError):
@@ -116,6 +118,20 @@ class TrainConfig:
     remove_start_from: int = 0
     remove_all_when_remove_beyond: float = math.inf
     reset_optimizer: bool = True
+    schedule: ScheduleKind = "fixed"
+    """``fixed``: Δ tokens per epoch (the reference). ``adaptive``: the next token goes once the training
+    token accuracy has recovered from the last removal (``icot_jax.adaptive``, docs/method.md); Δ then only
+    guides the choice of output widths. The ``adaptive_*`` keys are its parameters."""
+    adaptive_window: int = 4
+    """Running mean of the token accuracy over this many logged batches (``log_every_steps`` apart)."""
+    adaptive_recovery: float = 0.98
+    """Recovered: that mean reaches this fraction of the best level it had just before any removal."""
+    adaptive_min_steps: int = 200
+    """Steps at each count before it may advance."""
+    adaptive_max_steps: int = 3000
+    """Steps at each count after which it advances, recovered or not."""
+    adaptive_max_tokens_per_advance: int = 1
+    """Tokens one advance may remove: an immediate recovery doubles the last advance, up to this."""
     warmup_steps: int = 0
     """Linear LR warm-up over this many updates, restarted by every optimizer reset (0: the reference's
     constant LR; not in the reference)."""

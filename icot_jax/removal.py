@@ -239,17 +239,24 @@ class Curriculum:
             raise ValueError(f"mode must be one of {typing.get_args(Mode)}, got {self.mode!r}")
         offset_distribution(self.smoothing_lambda)  # validates λ
 
-    def state(self, step: int) -> ScheduleState:
-        """The schedule at batch ``step`` as seen by this mode."""
-        state = self.schedule.at(step)
+    def state(self, step: int, scheduled: ScheduleState | None = None) -> ScheduleState:
+        """The schedule at batch ``step`` as seen by this mode: the fixed :class:`Schedule`'s, or
+        ``scheduled`` when a rule outside this class decides the count (``icot_jax.adaptive``)."""
+        if scheduled is None:
+            state = self.schedule.at(step)
+        elif scheduled.step != step:
+            raise ValueError(f"a schedule state of batch {scheduled.step} was given for batch {step}")
+        else:
+            state = scheduled
         if self.mode == "icot":
             return state
-        scheduled = 0 if self.mode == "explicit" else math.inf
-        return dataclasses.replace(state, scheduled_to_remove=scheduled, advanced=False, pretraining=False)
+        count = 0 if self.mode == "explicit" else math.inf
+        return dataclasses.replace(state, scheduled_to_remove=count, advanced=False, pretraining=False)
 
-    def n_remove(self, step: int, batch_size: int) -> np.ndarray:
-        """``int32[batch_size]`` training removal counts at batch ``step``: scheduled count + offsets."""
-        state = self.state(step)
+    def n_remove(self, step: int, batch_size: int, scheduled: ScheduleState | None = None) -> np.ndarray:
+        """``int32[batch_size]`` training removal counts at batch ``step``: scheduled count + offsets
+        (``scheduled``: see :meth:`state`)."""
+        state = self.state(step, scheduled)
         if state.pretraining:  # the reference overwrites to_remove with remove_start_from
             return np.full(batch_size, self.schedule.remove_start_from, np.int32)
         if state.remove_all:
@@ -258,15 +265,17 @@ class Curriculum:
                                  step=step, batch_size=batch_size)
         return np.minimum(state.scheduled_to_remove + offsets.astype(np.int64), REMOVE_ALL).astype(np.int32)
 
-    def eval_n_remove(self, step: int, batch_size: int) -> np.ndarray:
+    def eval_n_remove(self, step: int, batch_size: int, scheduled: ScheduleState | None = None) -> np.ndarray:
         """Evaluation counts after training batch ``step``: the scheduled count for every example, no
         offsets (the reference evaluates with its current ``scheduled_to_remove``, offsets disabled)."""
-        state = self.state(step)
-        scheduled = REMOVE_ALL if state.remove_all else state.scheduled_to_remove
-        return np.full(batch_size, scheduled, np.int32)
+        state = self.state(step, scheduled)
+        count = REMOVE_ALL if state.remove_all else state.scheduled_to_remove
+        return np.full(batch_size, count, np.int32)
 
-    def plan(self, step: int, seps: np.ndarray, example_mask: np.ndarray, *, prev_cot_left: bool = True) -> StepPlan:
-        """Plan batch ``step`` from its host-side ``seps`` ``[B, 3]`` and ``example_mask`` ``[B]``.
+    def plan(self, step: int, seps: np.ndarray, example_mask: np.ndarray, *, prev_cot_left: bool = True,
+             scheduled: ScheduleState | None = None) -> StepPlan:
+        """Plan batch ``step`` from its host-side ``seps`` ``[B, 3]`` and ``example_mask`` ``[B]``
+        (``scheduled``: the schedule at ``step`` when not the fixed one, see :meth:`state`).
 
         ``prev_cot_left`` is :attr:`StepPlan.cot_left` of the previous batch (``True`` before the first
         batch, as in the reference). On resume, recompute it with ``plan(step - 1, ...)`` on that batch.
@@ -277,8 +286,8 @@ class Curriculum:
         seps, real = np.asarray(seps), np.asarray(example_mask, bool)
         if seps.ndim != 2 or seps.shape[1] != 3 or real.shape != seps.shape[:1]:
             raise ValueError(f"expected seps [B, 3] and example_mask [B], got {seps.shape} and {real.shape}")
-        state = self.state(step)
-        n_remove = np.where(real, self.n_remove(step, len(seps)), 0).astype(np.int32)
+        state = self.state(step, scheduled)
+        n_remove = np.where(real, self.n_remove(step, len(seps), scheduled), 0).astype(np.int32)
         cot_left = bool((real & (removed_counts(seps, n_remove) < cot_lengths(seps))).any())
         batch_length = reference_batch_length(seps, n_remove, real)
         return StepPlan(

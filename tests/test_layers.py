@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "config": 1,
     "data": 2, "models": 2, "removal": 2, "sharding": 2, "rundir": 2,
-    "checkpoint": 3, "train": 3, "generate": 3,
+    "checkpoint": 3, "train": 3, "generate": 3, "adaptive": 3,
     "build": 4, "runs": 4,
     "loop": 5, "evaluation": 5, "aot": 5,
     "commands": 6,

@@ -29,6 +29,12 @@ TINY = [
     "train.lr=1e-3", "train.remove_per_epoch=4", "checkpoint.every_steps=4", "checkpoint.keep=3",
     "log_every_steps=1", "eval.every_epochs=1", "train.warmup_steps=0", "train.keep_position=false",
 ]
+# TINY with the adaptive schedule, advancing from the first batch (no pretraining) every 3 to 6 batches,
+# so that every checkpoint holds a schedule state that has moved.
+ADAPTIVE = [
+    "train.schedule=adaptive", "train.pretrain_epochs=0", "train.adaptive_window=2", "train.adaptive_min_steps=3",
+    "train.adaptive_max_steps=6", "train.adaptive_recovery=0.97", "train.adaptive_max_tokens_per_advance=2",
+]
 
 
 def _cli(*args: str) -> subprocess.Popen:
@@ -77,18 +83,34 @@ def _final_params(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("full") / "run"
-    proc = _cli("train", str(DEMO_CONFIG), *TINY, f"run_dir={run_dir}")
+def _full_run(folder: Path, *overrides: str) -> Path:
+    run_dir = folder / "run"
+    proc = _cli("train", str(DEMO_CONFIG), *TINY, *overrides, f"run_dir={run_dir}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     return run_dir
 
 
-def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    return _full_run(tmp_path_factory.mktemp("full"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_adaptive(tmp_path_factory) -> Path:
+    return _full_run(tmp_path_factory.mktemp("full_adaptive"), *ADAPTIVE)
+
+
+def _advances(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "schedule_advance" in r]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
+    uninterrupted = request.getfixturevalue("uninterrupted" if schedule == "fixed" else "uninterrupted_adaptive")
+    overrides = ADAPTIVE if schedule == "adaptive" else []
     run_dir = tmp_path / "run"
-    proc = _cli("train", str(DEMO_CONFIG), *TINY, f"run_dir={run_dir}")
+    proc = _cli("train", str(DEMO_CONFIG), *TINY, *overrides, f"run_dir={run_dir}")
     _wait_for_checkpoint(run_dir, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -105,8 +127,12 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     assert len(full) == len(again)
     for a, b in zip(full, again):
         np.testing.assert_array_equal(a, b)
-    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    records = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+    steps = [r["step"] for r in records if "schedule_advance" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 49)), "metrics.jsonl must read as one run"
+    # The adaptive schedule took the same decisions, from the same accuracies, before and after the kill.
+    assert _advances(run_dir) == _advances(uninterrupted)
+    assert (len(_advances(run_dir)) > 3) == (schedule == "adaptive")
     # TensorBoard too: the killed run's unflushed points are not lost, its points after the checkpoint
     # are not doubled.
     assert sorted(_tensorboard_steps(run_dir / "tensorboard", "loss")) == steps
@@ -232,3 +258,21 @@ def test_export_hf_records_how_the_run_was_trained(uninterrupted, tmp_path):
     assert (exported.join, exported.keep_position) == (run.join, run.keep_position) == ("segments", False)
     assert exported.removal_side == run.removal_side == "left"
     assert json.loads((out / "icot_jax.json").read_text())["source"] == str(uninterrupted.resolve())
+
+
+def test_adaptive_run_logs_each_advance_and_compiles_once_per_width(uninterrupted_adaptive):
+    from icot_jax.adaptive import REASONS
+
+    records = [json.loads(line) for line in (uninterrupted_adaptive / "metrics.jsonl").read_text().splitlines()]
+    advances, train_records = _advances(uninterrupted_adaptive), [r for r in records if "loss" in r]
+    assert {r["schedule_advance"] for r in advances} <= set(REASONS)
+    assert all(3 <= r["steps_at_count"] <= 6 for r in advances[:-1])
+    # Every batch trains at the count of the last advance decided before it; the optimizer resets there.
+    for record in train_records:
+        earlier = [a for a in advances if a["step"] < record["step"]]
+        assert record["scheduled_to_remove"] == (earlier[-1]["scheduled_to"] if earlier else 0)
+        assert record["reset_optimizer"] == (bool(earlier) and earlier[-1]["step"] == record["step"] - 1)
+    widths = {r["batch_width"] for r in train_records}
+    summary = json.loads((uninterrupted_adaptive / "summary.json").read_text())
+    assert summary["train_step_compiles"] == len(widths) == train_records[-1]["train_step_compiles"]
+    assert (uninterrupted_adaptive / "curriculum.png").exists()

@@ -57,8 +57,29 @@ def read_metrics(path: Path | str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def count_spans(records: list[dict]) -> list[tuple[int, int, str | None]]:
+    """``(scheduled count, steps trained at it, why it advanced)`` for each count the schedule left while
+    CoT was still left, in order.
+
+    Exact for an adaptive run (its ``schedule_advance`` records; the first count's steps start after
+    pretraining); for a fixed run, read from the training records at their logging resolution, from the
+    first logged step, with no reason (``None``).
+    """
+    advances = [r for r in records if "schedule_advance" in r]
+    if advances:
+        return [(r["scheduled_from"], r["steps_at_count"], r["schedule_advance"]) for r in advances]
+    train = [r for r in records if "loss" in r]
+    spans, since = [], train[0]["step"] if train else 0
+    for before, after in zip(train, train[1:]):
+        if after["scheduled_to_remove"] > before["scheduled_to_remove"] and before["mean_cot_left"] > 0:
+            spans.append((before["scheduled_to_remove"], after["step"] - since, None))
+            since = after["step"]
+    return spans
+
+
 def plot_run(metrics_path: Path | str, out_png: Path | str, title: str = "") -> Path:
-    """Plot the curriculum of a run: scheduled removal (left axis) and accuracies (right axis) vs step."""
+    """Plot the curriculum of a run: scheduled removal (left axis) and accuracies (right axis) vs step, and
+    below, the steps spent at each scheduled count (:func:`count_spans`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +88,7 @@ def plot_run(metrics_path: Path | str, out_png: Path | str, title: str = "") -> 
     records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_accuracy" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, spans_ax) = plt.subplots(2, 1, figsize=(8, 6.5), gridspec_kw={"height_ratios": [3, 1.3]})
     # scheduled_to_remove is logged as the longest training CoT once everything is removed.
     ax.step([r["step"] for r in train], [r["scheduled_to_remove"] for r in train], where="post",
             color="tab:gray", label="CoT tokens scheduled to remove")
@@ -84,7 +105,22 @@ def plot_run(metrics_path: Path | str, out_png: Path | str, title: str = "") -> 
     handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="center left", fontsize=8)
     ax.set_title(title)
+    _plot_spans(spans_ax, count_spans(records))
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
+
+
+def _plot_spans(ax, spans: list[tuple[int, int, str | None]]) -> None:
+    """Bars: steps trained at each scheduled count, coloured by why the count advanced."""
+    colours = {"recovered": "tab:green", "max_steps": "tab:orange", None: "tab:gray"}
+    for reason, colour in colours.items():
+        chosen = [(count, steps) for count, steps, why in spans if why == reason]
+        if chosen:
+            ax.bar([c for c, _ in chosen], [n for _, n in chosen], color=colour, width=0.8,
+                   label=f"advanced: {reason}" if reason else "steps at the count (logging resolution)")
+    ax.set_xlabel("CoT tokens scheduled to remove")
+    ax.set_ylabel("steps at this count")
+    if spans:
+        ax.legend(fontsize=8)

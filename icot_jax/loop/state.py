@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from icot_jax.adaptive import AdaptiveState
 from icot_jax.removal import StepPlan
 
 
@@ -27,6 +28,8 @@ class LoopState:
     """A batch since the last evaluation reset the best score (:attr:`StepPlan.resets_best`)."""
     skipped_batches: int = 0
     """Batches not trained on because they were longer than ``train.max_len_train`` after removal."""
+    adaptive: AdaptiveState | None = None
+    """The adaptive schedule's state after the last batch (``train.schedule: adaptive``; else ``None``)."""
 
     def after(self, plan: StepPlan) -> LoopState:
         """The state once the batch planned as ``plan`` has been trained (or skipped)."""
@@ -44,13 +47,16 @@ class LoopState:
         """The checkpoint's JSON metadata (``batch_index`` is :attr:`step`, the name checkpoints use)."""
         meta = dataclasses.asdict(self)
         meta["batch_index"] = meta.pop("step")
+        meta["adaptive"] = self.adaptive.to_json() if self.adaptive else None
         return meta
 
     @classmethod
     def from_meta(cls, meta: dict) -> LoopState:
         """The state saved by :meth:`to_meta`; keys an older checkpoint lacks keep their defaults."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"step"}
-        return cls(step=meta["batch_index"], **{k: v for k, v in meta.items() if k in fields})
+        fields = {f.name for f in dataclasses.fields(cls)} - {"step", "adaptive"}
+        saved = meta.get("adaptive")
+        return cls(step=meta["batch_index"], adaptive=AdaptiveState.from_json(saved) if saved else None,
+                   **{k: v for k, v in meta.items() if k in fields})
 
 
 def is_new_best(best_accuracy: float | None, accuracy: float, *, reset: bool) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
-from icot_jax import sharding
+from icot_jax import adaptive, sharding
 from icot_jax.build import build_trainer
 from icot_jax.checkpoint import RunCheckpoints
 from icot_jax.config import Config
@@ -47,14 +47,16 @@ def default_run_dir(config: Config) -> str:
 
 
 def plan_batch(curriculum: Curriculum, loader: BatchLoader, global_loader: BatchLoader, batch: dict,
-               epoch: int, step_in_epoch: int, batch_index: int, *, prev_cot_left: bool):
-    """Plan a batch from the *global* batch's separators; return ``(plan, this host's n_remove)``.
+               epoch: int, step_in_epoch: int, batch_index: int, *, prev_cot_left: bool, scheduled=None):
+    """Plan a batch from the *global* batch's separators; return ``(plan, this host's n_remove)``
+    (``scheduled``: the adaptive schedule's state at the batch, see :meth:`Curriculum.plan`).
 
     Every host plans the same global batch, so resets, skips and smoothing offsets agree across hosts;
     each then keeps the removal counts of its own rows (the loader's contiguous block).
     """
     whole = batch if global_loader is loader else global_loader.batch(epoch, step_in_epoch)
-    plan = curriculum.plan(batch_index, whole["seps"], whole["example_mask"], prev_cot_left=prev_cot_left)
+    plan = curriculum.plan(batch_index, whole["seps"], whole["example_mask"], prev_cot_left=prev_cot_left,
+                           scheduled=scheduled)
     first = loader.process_index * loader.rows_per_host
     return plan, plan.n_remove[first:first + loader.rows_per_host]
 
@@ -131,7 +133,8 @@ class TrainingRun:
         self.max_cot = int(self.data.train.cot_lengths.max())
         self.checkpoints = RunCheckpoints(self.run.url, keep=self.config.checkpoint.keep)
         self.guard = DivergenceGuard(self.checkpoints, self.run.url, self.config.train.lr)
-        self.loop = LoopState()
+        self.rule = adaptive.rule_for(self.config.train, self.curriculum.schedule, longest_cot=self.max_cot)
+        self.loop = LoopState(adaptive=self.rule.initial() if self.rule else None)
         if session.resumed:
             self._resume()
         self._open_outputs(progress)
@@ -167,8 +170,9 @@ class TrainingRun:
         index = self.loop.step
         epoch, in_epoch = divmod(index, self.loader.steps_per_epoch)
         batch = self.loader.batch(epoch, in_epoch)
+        scheduled = self.rule.at(self.loop.adaptive, index) if self.rule else None  # None: the fixed schedule
         plan, n_remove = plan_batch(self.curriculum, self.loader, self.global_loader, batch, epoch, in_epoch, index,
-                                    prev_cot_left=self.loop.prev_cot_left)
+                                    prev_cot_left=self.loop.prev_cot_left, scheduled=scheduled)
         if plan.reset_optimizer:
             self.state = self.step_fn.reset_optimizer(self.state)
         metrics = None
@@ -184,6 +188,8 @@ class TrainingRun:
         tick = self._checked(tick)
         if self._log_due(tick):
             self.log_step(tick)
+        if self.rule is not None:
+            self.advance_schedule(tick)
         self.bar.update(1)
         if self._eval_due(tick):
             self.evaluate(tick)
@@ -230,6 +236,16 @@ class TrainingRun:
         self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
                              remove="all" if schedule.remove_all else scheduled)
 
+    def advance_schedule(self, tick: Tick) -> None:
+        """The adaptive schedule decides the next batch's count from this batch's token accuracy when it was
+        logged (read already: no extra device round trip); an advance gets its own ``metrics.jsonl`` line."""
+        seen = tick.metrics["token_accuracy"] if self._log_due(tick) else None
+        before = self.loop.adaptive
+        self.loop = dataclasses.replace(self.loop, adaptive=self.rule.observe(before, self.loop.step - 1, seen))
+        record = adaptive.advance_record(before, self.loop.adaptive)
+        if record is not None:
+            self._write(record)
+
     def evaluate(self, tick: Tick) -> None:
         """Validation after the batch: teacher forcing, generation, the best-checkpoint rule."""
         record: dict = {"step": self.loop.step, "epoch": tick.plan.schedule.epoch}
@@ -246,7 +262,7 @@ class TrainingRun:
         """Teacher-forced and generation metrics on the validation split, with the curriculum of the last batch."""
         last_batch, valid = self.loop.step - 1, self.data.valid
         metrics = teacher_forced(self.step_fn.eval_step, self.state.params, self.state.rest, valid,
-                                 lambda rows: self.curriculum.eval_n_remove(last_batch, rows),
+                                 lambda rows: self.curriculum.eval_n_remove(last_batch, rows, self.last_plan.schedule),
                                  self.config.eval.batch_size, setup=self.setup, widths=self.widths)
         return {**metrics, **generation_metrics(self.evaluators["val"], self._eval_model(), "val", self._gaps(valid))}
 
@@ -266,7 +282,8 @@ class TrainingRun:
         """keep_position: generated tokens continue at the positions they had before the removal."""
         if not self.config.train.keep_position:
             return None
-        return keep_position_gaps(split, self.curriculum.eval_n_remove(self.loop.step - 1, len(split)))
+        return keep_position_gaps(split, self.curriculum.eval_n_remove(self.loop.step - 1, len(split),
+                                                                       self.last_plan.schedule))
 
     def save_checkpoint(self) -> None:
         """Save the full state and the loop state (parameters checked finite first); push small files."""
