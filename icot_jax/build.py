@@ -29,7 +29,8 @@ import jax
 import optax
 from flax import nnx
 
-from icot_jax import sharding
+from icot_jax import adaptive, sharding
+from icot_jax.adaptive import AdaptiveRule
 from icot_jax.config import Config, MeshConfig
 from icot_jax.data.formats import read_examples
 from icot_jax.data.loader import BatchLoader
@@ -350,6 +351,8 @@ class Trainer:
     loader: BatchLoader
     widths: Widths
     """Output widths of the train step (one compilation each)."""
+    schedule_rule: AdaptiveRule | None = None
+    """The adaptive schedule's rule (``train.schedule: adaptive``); None for the fixed schedule."""
 
 
 def build_trainer(config: Config, run_dir: Path) -> Trainer:
@@ -361,6 +364,8 @@ def build_trainer(config: Config, run_dir: Path) -> Trainer:
     check_position_table(hf_config, data.train.buckets[-1], config.train.random_position_shift)
     curriculum = build_curriculum(config, len(data.train))
     loader = build_loader(config, data.train, setup)
+    rule = adaptive.rule_for(config.train, curriculum.schedule, longest_cot=int(data.train.cot_lengths.max()))
     return Trainer(data=data, setup=setup, hf_config=hf_config, graphdef=graphdef,
                    step=build_step(config, graphdef, state, setup, pad_id=data.train.pad_id), state=state,
-                   curriculum=curriculum, loader=loader, widths=build_widths(config, curriculum, loader))
+                   curriculum=curriculum, loader=loader, widths=build_widths(config, curriculum, loader),
+                   schedule_rule=rule)

@@ -127,13 +127,12 @@ class TrainingRun:
         self.data, self.setup, self.graphdef = trainer.data, trainer.setup, trainer.graphdef
         self.step_fn, self.curriculum, self.widths = trainer.step, trainer.curriculum, trainer.widths
         self.loader, self.global_loader = trainer.loader, trainer.loader.global_view()
-        self.state = trainer.state
+        self.state, self.rule = trainer.state, trainer.schedule_rule
         del trainer  # the train step donates the state's buffers: keep no other reference
         self.total = self.loader.steps_per_epoch * self.config.train.epochs
         self.max_cot = int(self.data.train.cot_lengths.max())
         self.checkpoints = RunCheckpoints(self.run.url, keep=self.config.checkpoint.keep)
         self.guard = DivergenceGuard(self.checkpoints, self.run.url, self.config.train.lr)
-        self.rule = adaptive.rule_for(self.config.train, self.curriculum.schedule, longest_cot=self.max_cot)
         self.loop = LoopState(adaptive=self.rule.initial() if self.rule else None)
         if session.resumed:
             self._resume()
