@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from icot_jax.config import ConfigError, TrainConfig
+from icot_jax.config import TrainConfig, adaptive_problem
 from icot_jax.removal import Schedule, ScheduleState
 
 REASONS = ("recovered", "max_steps")
@@ -88,7 +88,7 @@ class AdaptiveRule:
     """The count never advances past this (the longest training CoT); ``None``: no ceiling."""
 
     def __post_init__(self):
-        problem = _invalid(self.window, self.recovery, self.min_steps, self.max_steps, self.max_tokens_per_advance)
+        problem = adaptive_problem(self.window, self.recovery, self.min_steps, self.max_steps, self.max_tokens_per_advance)
         if problem is not None:
             name, expected = problem
             raise ValueError(f"{name} is {getattr(self, name)!r}; expected {expected}")
@@ -146,15 +146,6 @@ class AdaptiveRule:
                              reason=reason)
 
 
-def _invalid(window: int, recovery: float, min_steps: int, max_steps: int,
-             max_tokens_per_advance: int) -> tuple[str, str] | None:
-    """``(parameter, what it must be)`` for the first invalid parameter of the rule, else ``None``."""
-    checks = (("window", window >= 1, ">= 1"), ("recovery", 0 < recovery <= 1, "a fraction in (0, 1]"),
-              ("min_steps", min_steps >= 1, ">= 1"), ("max_steps", max_steps >= min_steps, ">= min_steps"),
-              ("max_tokens_per_advance", max_tokens_per_advance >= 1, ">= 1"))
-    return next(((name, expected) for name, ok, expected in checks if not ok), None)
-
-
 def advance_record(before: AdaptiveState, after: AdaptiveState) -> dict | None:
     """The ``metrics.jsonl`` record of an advance between two consecutive states (``None`` if none):
     ``step`` is the number of batches trained when it was decided."""
@@ -168,17 +159,10 @@ def advance_record(before: AdaptiveState, after: AdaptiveState) -> dict | None:
 def rule_for(train: TrainConfig, schedule: Schedule, *, longest_cot: int | None = None) -> AdaptiveRule | None:
     """The adaptive rule of a run's ``train`` config, or ``None`` for ``train.schedule: fixed``.
 
-    Raises :class:`ConfigError` naming the ``train.*`` key of an invalid parameter.
+    The parameters were checked when the config was loaded (:func:`icot_jax.config.validate`).
     """
     if train.schedule == "fixed":
         return None
-    if train.schedule != "adaptive":
-        raise ConfigError(f"config: key 'train.schedule' is {train.schedule!r}; expected one of fixed, adaptive")
-    problem = _invalid(train.adaptive_window, train.adaptive_recovery, train.adaptive_min_steps,
-                       train.adaptive_max_steps, train.adaptive_max_tokens_per_advance)
-    if problem is not None:
-        key, expected = f"adaptive_{problem[0]}", problem[1]
-        raise ConfigError(f"config: key 'train.{key}' is {getattr(train, key)!r}; expected {expected}")
     return AdaptiveRule(schedule=schedule, window=train.adaptive_window, recovery=train.adaptive_recovery,
                         min_steps=train.adaptive_min_steps, max_steps=train.adaptive_max_steps,
                         max_tokens_per_advance=train.adaptive_max_tokens_per_advance, longest_cot=longest_cot)

@@ -329,6 +329,24 @@ def _check_choices(node: Any, where: str, prefix: str = "") -> None:
             _check_choice(value, typing.get_args(hint), prefix + field.name, where)
 
 
+def adaptive_problem(window: int, recovery: float, min_steps: int, max_steps: int,
+                     max_tokens_per_advance: int) -> tuple[str, str] | None:
+    """``(parameter, what it must be)`` for the first invalid parameter of the adaptive schedule's rule
+    (:class:`icot_jax.adaptive.AdaptiveRule`), else ``None``."""
+    checks = (("window", window >= 1, ">= 1"), ("recovery", 0 < recovery <= 1, "a fraction in (0, 1]"),
+              ("min_steps", min_steps >= 1, ">= 1"), ("max_steps", max_steps >= min_steps, ">= min_steps"),
+              ("max_tokens_per_advance", max_tokens_per_advance >= 1, ">= 1"))
+    return next(((name, expected) for name, ok, expected in checks if not ok), None)
+
+
+def _check_adaptive(train: TrainConfig, where: str) -> None:
+    problem = adaptive_problem(train.adaptive_window, train.adaptive_recovery, train.adaptive_min_steps,
+                               train.adaptive_max_steps, train.adaptive_max_tokens_per_advance)
+    if problem is not None:
+        key, expected = f"adaptive_{problem[0]}", problem[1]
+        raise ConfigError(f"{where}: key 'train.{key}' is {getattr(train, key)!r}; expected {expected}")
+
+
 def validate(config: Config, where: str = "config") -> Config:
     """Check values that one field's type alone cannot (ranges, fields that depend on each other) and the
     ``Literal`` fields of a config made in code; raise ``ConfigError`` naming the key."""
@@ -363,6 +381,7 @@ def validate(config: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: key 'train.remove_per_epoch' must be > 0")
     if config.train.removal_smoothing_lambda <= 0:
         raise ConfigError(f"{where}: key 'train.removal_smoothing_lambda' must be > 0 (use .inf to disable)")
+    _check_adaptive(config.train, where)
     if not (config.model.hf or config.model.from_scratch):
         raise ConfigError(f"{where}: set 'model.hf' (a checkpoint) or 'model.from_scratch: true'")
     if not (config.data.train or config.data.generate_digits):

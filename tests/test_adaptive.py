@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from icot_jax.adaptive import AdaptiveRule, AdaptiveState, advance_record, rule_for
-from icot_jax.config import ConfigError, TrainConfig
+from icot_jax.config import DEMO_CONFIG, ConfigError, TrainConfig, load_config
 from icot_jax.removal import REMOVE_ALL, Curriculum, Schedule
 
 # 10 batches per epoch, one pretraining epoch: the count may first advance after batch 10.
@@ -140,17 +140,23 @@ def test_curriculum_takes_the_count_from_the_given_state():
     assert Curriculum(SCHEDULE, mode="explicit").n_remove(16, 2, at).tolist() == [0, 0]
 
 
-def test_config_selects_and_checks_the_rule():
+def test_bad_parameters_are_refused_when_the_config_loads(tmp_path):
+    """The file and key are named at load time, before any setup."""
+    config = tmp_path / "adaptive.yaml"
+    config.write_text(f"base: {DEMO_CONFIG}\ntrain: {{schedule: adaptive, adaptive_min_steps: 7, adaptive_max_steps: 5}}\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: key 'train.adaptive_max_steps' is 5; expected >= min_steps"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"key 'train.adaptive_recovery' is 1.5"):
+        load_config(DEMO_CONFIG, ["train.schedule=adaptive", "train.adaptive_recovery=1.5"])
+    with pytest.raises(ConfigError, match=r"'train.schedule' is 'sometimes'"):
+        load_config(DEMO_CONFIG, ["train.schedule=sometimes"])
+
+
+def test_config_selects_the_rule():
     assert rule_for(TrainConfig(), SCHEDULE) is None
     rule = rule_for(TrainConfig(schedule="adaptive", adaptive_min_steps=7, adaptive_max_steps=9), SCHEDULE,
                     longest_cot=8)
     assert (rule.min_steps, rule.max_steps, rule.longest_cot, rule.schedule) == (7, 9, 8, SCHEDULE)
-    with pytest.raises(ConfigError, match=r"'train.adaptive_max_steps' is 5; expected >= min_steps"):
-        rule_for(TrainConfig(schedule="adaptive", adaptive_min_steps=7, adaptive_max_steps=5), SCHEDULE)
-    with pytest.raises(ConfigError, match=r"'train.adaptive_recovery' is 1.5"):
-        rule_for(TrainConfig(schedule="adaptive", adaptive_recovery=1.5), SCHEDULE)
-    with pytest.raises(ConfigError, match=r"'train.schedule' is 'sometimes'"):
-        rule_for(TrainConfig(schedule="sometimes"), SCHEDULE)
     with pytest.raises(ValueError, match="window is 0"):
         AdaptiveRule(SCHEDULE, window=0)
 

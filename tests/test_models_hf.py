@@ -183,7 +183,7 @@ def test_from_config_initialises_like_transformers():
 
 
 def test_parameters_land_in_the_requested_shardings(checkpoints):
-    """A pytree of NamedShardings from the logical axes (what icot_jax.parallel builds) or a callable."""
+    """A pytree of NamedShardings from the logical axes (what icot_jax.sharding builds) or a callable."""
     mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     rules = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor"}
     path = checkpoints["mistral"][1]

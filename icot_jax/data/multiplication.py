@@ -106,7 +106,7 @@ def sample_pairs(rng: np.random.Generator, digits: int, n: int, exclude: Abstrac
     excluded = {(a, b) for a, b in exclude if low <= a < 10 * low and low <= b < 10 * low}
     available = count_pairs(digits) - len(excluded)
     if n > available:
-        raise ValueError(
+        raise UserError(
             f"cannot draw {n} distinct {digits}x{digits} pairs: only {available} exist"
             + (f" after excluding {len(excluded)}" if excluded else "")
         )

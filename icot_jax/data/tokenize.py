@@ -207,7 +207,7 @@ def _check_no_eos_in_content(examples: Sequence[Example], eos: str, source: str 
         for field in _FIELDS:
             text = getattr(example, field)
             if eos in text:
-                raise ValueError(
+                raise UserError(
                     f"example {i}{_where(source)} has the EOS token {eos!r} inside its {field}: "
                     f"{text[:80]!r}; EOS separates the segments and cannot appear in them"
                 )
@@ -250,7 +250,7 @@ def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     for start in range(len(special) - len(plain) + 1):
         if special[start : start + len(plain)] == plain:
             return special[:start]
-    raise ValueError(f"cannot locate the text among the special tokens {tokenizer.__class__.__name__} adds")
+    raise UserError(f"cannot locate the text among the special tokens {tokenizer.__class__.__name__} adds")
 
 
 def _eos_positions(
@@ -267,7 +267,7 @@ def _eos_positions(
     counts = np.bincount(rows, minlength=lengths.size)
     if (counts != 3).any():
         i = int(np.flatnonzero(counts != 3)[0])
-        raise ValueError(
+        raise UserError(
             f"example {i}{_where(source)} has {counts[i]} EOS tokens instead of 3; does the tokenizer "
             "append an EOS itself or map other text to the EOS id?"
         )
