@@ -1,5 +1,6 @@
 """The ``icot`` command line: argument parsing and ``main`` only (the commands are in
-:mod:`icot_jax.commands`, one module per subcommand)."""
+:mod:`icot_jax.commands`, one module per subcommand). Command modules import jax, orbax and
+transformers inside their handlers, so building the parser (``icot --help``) loads none of them."""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from icot_jax import cli
@@ -13,6 +16,15 @@ def test_every_subcommand_is_registered():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps no public list of subcommands
     assert set(commands) == {"data", "train", "demo", "export-hf", "eval", "generate", "tradeoff", "aot"}
+
+
+def test_the_parser_loads_no_accelerator_library():
+    """`icot --help` and the light commands stay fast: the commands import jax, flax, orbax and
+    transformers inside their handlers, never when the parser is built."""
+    heavy = ("jax", "flax", "orbax", "transformers", "torch")
+    probe = f"import sys, icot_jax.cli; icot_jax.cli.build_parser(); print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_a_user_error_is_one_line(tmp_path):

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 from icot_jax.config import DEMO_CONFIG, load_config
-from icot_jax.loop.logs import read_metrics
-from icot_jax.loop.training import train
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Train the built-in demo and print explicit-CoT accuracy vs final no-CoT accuracy."""
+    from icot_jax.loop.logs import read_metrics
+    from icot_jax.loop.training import train  # jax and orbax: not for `icot --help`
+
     summary = train(load_config(DEMO_CONFIG, args.overrides))
     records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
     evals = [r for r in records if "val_accuracy" in r]

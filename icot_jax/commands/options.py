@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, get_args
 
 from icot_jax.config import DType, JoinMode
 from icot_jax.evaluation import DEFAULT_MAX_NEW_TOKENS
-from icot_jax.removal import REMOVE_ALL
 
 if TYPE_CHECKING:
     from icot_jax.runs import OpenedRun
@@ -23,6 +22,7 @@ def load(args: argparse.Namespace, url: str) -> OpenedRun:
 
 def parse_n_remove(text: str) -> int:
     """``K`` (CoT tokens removed from the left of every example) or ``all`` (``REMOVE_ALL``)."""
+    from icot_jax.removal import REMOVE_ALL  # jax: not for `icot --help`
 
     if text == "all":
         return REMOVE_ALL

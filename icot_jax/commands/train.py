@@ -8,7 +8,6 @@ import signal
 
 from icot_jax.config import DEMO_CONFIG, load_config
 from icot_jax.errors import UserError
-from icot_jax.loop.training import TrainingDiverged, train
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -18,6 +17,8 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint), 130 when a second Ctrl-C aborted it; a diverged run is an error naming the step to
     resume from.
     """
+    from icot_jax.loop.training import TrainingDiverged, train  # jax and orbax: not for `icot --help`
+
     try:
         if args.resume:
             overrides = [args.config, *args.overrides] if args.config else []
