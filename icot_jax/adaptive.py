@@ -88,7 +88,8 @@ class AdaptiveRule:
     """The count never advances past this (the longest training CoT); ``None``: no ceiling."""
 
     def __post_init__(self):
-        problem = adaptive_problem(self.window, self.recovery, self.min_steps, self.max_steps, self.max_tokens_per_advance)
+        problem = adaptive_problem(self.window, self.recovery, self.min_steps, self.max_steps,
+                                   self.max_tokens_per_advance)
         if problem is not None:
             name, expected = problem
             raise ValueError(f"{name} is {getattr(self, name)!r}; expected {expected}")

@@ -259,10 +259,10 @@ class TrainingRun:
 
     def _validation(self) -> dict:
         """Teacher-forced and generation metrics on the validation split, with the curriculum of the last batch."""
-        last_batch, valid = self.loop.step - 1, self.data.valid
+        valid = self.data.valid
         metrics = teacher_forced(self.step_fn.eval_step, self.state.params, self.state.rest, valid,
-                                 lambda rows: self.curriculum.eval_n_remove(last_batch, rows, self.last_plan.schedule),
-                                 self.config.eval.batch_size, setup=self.setup, widths=self.widths)
+                                 self._eval_n_remove, self.config.eval.batch_size, setup=self.setup,
+                                 widths=self.widths)
         return {**metrics, **generation_metrics(self.evaluators["val"], self._eval_model(), "val", self._gaps(valid))}
 
     def _save_best(self, record: dict) -> dict:
@@ -281,8 +281,11 @@ class TrainingRun:
         """keep_position: generated tokens continue at the positions they had before the removal."""
         if not self.config.train.keep_position:
             return None
-        return keep_position_gaps(split, self.curriculum.eval_n_remove(self.loop.step - 1, len(split),
-                                                                       self.last_plan.schedule))
+        return keep_position_gaps(split, self._eval_n_remove(len(split)))
+
+    def _eval_n_remove(self, rows: int):
+        """Evaluation removal counts: the scheduled count of the last batch trained, for ``rows`` examples."""
+        return self.curriculum.eval_n_remove(self.loop.step - 1, rows, self.last_plan.schedule)
 
     def save_checkpoint(self) -> None:
         """Save the full state and the loop state (parameters checked finite first); push small files."""
