@@ -211,10 +211,9 @@ def build_model(config: Config, tokenizer: Any = None, *, setup: sharding.Setup 
     """``config``'s model as training starts it: random (``model.from_scratch``, seeded by ``train.seed``)
     or the pretrained weights of ``model.hf``; configured (see :func:`configure_model`). With ``setup``,
     every array is created directly in its shards on that mesh."""
-    hf_config = model_hf_config(config, tokenizer)
     setup = setup or sharding.setup(config.mesh)
     if config.model.from_scratch:
-        make = model_factory(config, hf_config)
+        make = model_factory(config, model_hf_config(config, tokenizer))
         abstract = nnx.eval_shape(make)
         graphdef, state = nnx.split(abstract)
         state_sharding = setup.shardings(state)
