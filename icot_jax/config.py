@@ -45,6 +45,8 @@ Remat = Literal["none", "full", "dots"]
 """``mesh.remat``: no rematerialisation, recompute each block, or save only matmul outputs."""
 ScheduleKind = Literal["fixed", "adaptive"]
 """``train.schedule``: Δ tokens per epoch (the reference), or advance once the model has recovered."""
+LrDecay = Literal["none", "after_removal"]
+"""``train.lr_decay``: a constant LR (the reference), or a linear decay once no CoT is left to remove."""
 
 
 class ConfigError(UserError):
@@ -132,6 +134,11 @@ class TrainConfig:
     """Steps at each count after which it advances, recovered or not."""
     adaptive_max_tokens_per_advance: int = 1
     """Tokens one advance may remove: an immediate recovery doubles the last advance, up to this."""
+    lr_decay: LrDecay = "none"
+    """``none``: the LR stays constant (the reference). ``after_removal``: from the first batch whose
+    scheduled count removes every CoT token (all of them in ``no_cot`` mode), the LR falls linearly to
+    nothing by the run's last batch, so the run ends on settled weights rather than wherever a constant
+    LR leaves them (not in the reference; docs/method.md)."""
     warmup_steps: int = 0
     """Linear LR warm-up over this many updates, restarted by every optimizer reset (0: the reference's
     constant LR; not in the reference)."""

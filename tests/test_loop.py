@@ -30,10 +30,12 @@ TINY = [
     "log_every_steps=1", "eval.every_epochs=1", "train.warmup_steps=0", "train.keep_position=false",
 ]
 # TINY with the adaptive schedule, advancing from the first batch (no pretraining) every 3 to 6 batches,
-# so that every checkpoint holds a schedule state that has moved.
+# so that every checkpoint holds a schedule state that has moved, and the LR decaying once no CoT is left
+# (so a resume must also restore where the decay started).
 ADAPTIVE = [
     "train.schedule=adaptive", "train.pretrain_epochs=0", "train.adaptive_window=2", "train.adaptive_min_steps=3",
     "train.adaptive_max_steps=6", "train.adaptive_recovery=0.97", "train.adaptive_max_tokens_per_advance=2",
+    "train.lr_decay=after_removal",
 ]
 
 
@@ -276,3 +278,16 @@ def test_adaptive_run_logs_each_advance_and_compiles_once_per_width(uninterrupte
     summary = json.loads((uninterrupted_adaptive / "summary.json").read_text())
     assert summary["train_step_compiles"] == len(widths) == train_records[-1]["train_step_compiles"]
     assert (uninterrupted_adaptive / "curriculum.png").exists()
+
+
+def test_lr_decays_linearly_from_the_first_batch_without_cot(uninterrupted_adaptive, uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted_adaptive / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    longest = max(r["scheduled_to_remove"] for r in train_records)
+    start = next(r["step"] - 1 for r in train_records if r["scheduled_to_remove"] == longest)  # its batch index
+    assert 0 < start < 40, "the tiny run must reach the end of its CoT well before its last batch"
+    total = train_records[-1]["step"]
+    expected = [1.0 if r["step"] - 1 < start else (total - r["step"] + 1) / (total - start) for r in train_records]
+    np.testing.assert_allclose([r["lr_scale"] for r in train_records], expected)
+    assert expected[-1] == 1 / (total - start)
+    assert all("lr_scale" not in r for r in map(json.loads, (uninterrupted / "metrics.jsonl").read_text().splitlines()))

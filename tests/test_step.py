@@ -311,3 +311,30 @@ def test_random_position_shift_moves_whole_rows_within_bounds():
     assert offsets.min() == 0 and offsets.max() == 7 and len(np.unique(offsets[:, 0])) == 8
     again = shift_positions(positions, 7, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(shifted, again)  # a pure function of the step's key (exact resume)
+
+
+def test_lr_scale_scales_the_update_without_recompiling():
+    """``lr_scale`` multiplies the whole update (weight decay included): 1.0 changes no bit, 0.5 halves
+    it, 0 leaves the parameters as they were while the optimizer state still moves; one compilation."""
+    optimizer = make_optimizer(1e-2, weight_decay=0.1)
+    step = TrainStep(fresh(tiny_gpt2(), optimizer)[0], optimizer, StepConfig(pad_id=EOS))
+    batch = make_batch(np.random.default_rng(3), 4, 24)
+    counts = np.array([0, 1, 2, 3], np.int32)
+
+    def update(scale=None):
+        _, state = fresh(tiny_gpt2(), optimizer)
+        before = host(state.params)
+        state, _ = step(state, batch, counts) if scale is None else step(state, batch, counts, lr_scale=scale)
+        return before, host(state.params), host(state.opt_state)
+
+    before, default, default_opt = update()
+    for scale in (1.0, 0.5, 0.0):
+        _, after, opt = update(scale)
+        for b, d, a in zip(jax.tree.leaves(before), jax.tree.leaves(default), jax.tree.leaves(after)):
+            if scale == 1.0:
+                np.testing.assert_array_equal(a, d)
+            else:
+                np.testing.assert_allclose(a - b, scale * (d - b), rtol=1e-5, atol=1e-7)
+        for d, o in zip(jax.tree.leaves(default_opt), jax.tree.leaves(opt)):
+            np.testing.assert_array_equal(d, o)  # the moments do not depend on the scale
+    assert step.compiles == 1

@@ -1,7 +1,7 @@
 """What may change when a run resumes: ``icot train --resume RUN key=value ...``.
 
 A resumed run must replay the same data through the same model, so only keys that cannot change either
-may be overridden: the learning rate and its warm-up, gradient clipping, the number of epochs (the
+may be overridden: the learning rate, its warm-up and decay, gradient clipping, the number of epochs (the
 schedule is a pure function of the step), and how often the run evaluates, checkpoints and logs. This is
 what recovering from a divergence needs (resume from the last good checkpoint with a lower LR). Every
 accepted change is appended to ``config_history.jsonl`` with the step it took effect at, and
@@ -17,7 +17,7 @@ from typing import Any
 
 from icot_jax.config import Config, ConfigError, load_config, save_config, to_dict
 
-RESUMABLE_KEYS = ("train.lr", "train.warmup_steps", "train.max_grad_norm", "train.epochs", "eval.*",
+RESUMABLE_KEYS = ("train.lr", "train.lr_decay", "train.warmup_steps", "train.max_grad_norm", "train.epochs", "eval.*",
                   "checkpoint.*", "log_every_steps")
 """Dotted keys (``section.*``: the whole section) that ``--resume`` accepts overrides of."""
 

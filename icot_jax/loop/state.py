@@ -30,6 +30,9 @@ class LoopState:
     """Batches not trained on because they were longer than ``train.max_len_train`` after removal."""
     adaptive: AdaptiveState | None = None
     """The adaptive schedule's state after the last batch (``train.schedule: adaptive``; else ``None``)."""
+    lr_decay_from: int | None = None
+    """``train.lr_decay: after_removal``: the first batch whose scheduled count removed every CoT token
+    (the LR decays from there, :func:`lr_scale`); ``None`` until then or without a decay."""
 
     def after(self, plan: StepPlan) -> LoopState:
         """The state once the batch planned as ``plan`` has been trained (or skipped)."""
@@ -63,3 +66,12 @@ def is_new_best(best_accuracy: float | None, accuracy: float, *, reset: bool) ->
     """The reference's best-checkpoint rule: after a reset (:attr:`StepPlan.resets_best` since the last
     evaluation) every accuracy is the new best; otherwise only a strictly higher one is."""
     return reset or best_accuracy is None or accuracy > best_accuracy
+
+
+def lr_scale(batch_index: int, decay_from: int | None, total: int) -> float:
+    """The LR multiplier of batch ``batch_index`` under ``train.lr_decay: after_removal``: 1 before the decay
+    starts (``decay_from`` None), then linear from 1 at ``decay_from`` down to ``1 / (total - decay_from)``
+    at the last batch, ``total - 1``: every batch still learns, and the run ends at a near-zero LR."""
+    if decay_from is None:
+        return 1.0
+    return max(total - batch_index, 1) / max(total - decay_from, 1)

@@ -33,8 +33,8 @@ from icot_jax.loop.divergence import DivergenceGuard, TrainingDiverged
 from icot_jax.loop.logs import MetricsLog, plot_run
 from icot_jax.loop.preemption import Preemption
 from icot_jax.loop.session import RunSession
-from icot_jax.loop.state import LoopState
-from icot_jax.removal import Curriculum, StepPlan
+from icot_jax.loop.state import LoopState, lr_scale
+from icot_jax.removal import Curriculum, ScheduleState, StepPlan
 from icot_jax.train.step import model_from_state
 from icot_jax.train.teacher_forced import teacher_forced
 
@@ -177,10 +177,21 @@ class TrainingRun:
         metrics = None
         if not plan.skip:
             width = self.widths.width(plan.batch_length)
-            self.state, metrics = self.step_fn(self.state, *self.setup.put(batch, n_remove), width)
+            self.state, metrics = self.step_fn(self.state, *self.setup.put(batch, n_remove), width,
+                                               lr_scale=self._lr_scale(plan.schedule))
         self.loop, self.last_plan = self.loop.after(plan), plan
         tick = Tick(plan, metrics, epoch, end_of_epoch=self.loop.step % self.loader.steps_per_epoch == 0)
         self.after_batch(tick)
+
+    def _lr_scale(self, schedule: ScheduleState) -> float:
+        """``train.lr_decay: after_removal``: the decay starts at the first batch scheduled to remove every
+        CoT token (kept in the loop state, so a resumed run decays from the same batch)."""
+        if self.config.train.lr_decay == "none":
+            return 1.0
+        no_cot = not schedule.pretraining and (schedule.remove_all or schedule.scheduled_to_remove >= self.max_cot)
+        if self.loop.lr_decay_from is None and no_cot:
+            self.loop = dataclasses.replace(self.loop, lr_decay_from=self.loop.step)
+        return lr_scale(self.loop.step, self.loop.lr_decay_from, self.total)
 
     def after_batch(self, tick: Tick) -> None:
         """The periodic actions, in order: read and check the metrics, log, evaluate, checkpoint, stop."""
@@ -230,10 +241,16 @@ class TrainingRun:
         scheduled = self.max_cot if schedule.remove_all else int(schedule.scheduled_to_remove)
         self._write({"step": self.loop.step, "epoch": tick.epoch, "scheduled_to_remove": scheduled,
                      "remove_all": schedule.remove_all, "reset_optimizer": tick.plan.reset_optimizer,
-                     **tick.metrics, "skipped_batches": self.loop.skipped_batches,
+                     **tick.metrics, "skipped_batches": self.loop.skipped_batches, **self._lr_record(),
                      "elapsed_s": time.time() - self.start})
         self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
                              remove="all" if schedule.remove_all else scheduled)
+
+    def _lr_record(self) -> dict:
+        """The logged batch's LR multiplier (only with ``train.lr_decay``, so other runs log what they did)."""
+        if self.config.train.lr_decay == "none":
+            return {}
+        return {"lr_scale": lr_scale(self.loop.step - 1, self.loop.lr_decay_from, self.total)}
 
     def advance_schedule(self, tick: Tick) -> None:
         """The adaptive schedule decides the next batch's count from this batch's token accuracy when it was

@@ -209,9 +209,9 @@ class TrainStep:
             raise ValueError(f"accumulate_steps must be >= 1, got {config.accumulate_steps}")
         self.graphdef, self.optimizer, self.config = graphdef, optimizer, config
         self._traces = 0
-        data = (state_sharding, batch_sharding, batch_sharding)
+        data = (state_sharding, batch_sharding, batch_sharding, _replicated(batch_sharding))
         self._train = jax.jit(self._train_step, in_shardings=data, out_shardings=(state_sharding, None),
-                              donate_argnums=0, static_argnums=3)
+                              donate_argnums=0, static_argnums=4)
         self.eval_step = EvalStep(graphdef, config, state_sharding=state_sharding, batch_sharding=batch_sharding)
         self._reset = jax.jit(self._reset_optimizer, in_shardings=(state_sharding,),
                               out_shardings=state_sharding, donate_argnums=0)
@@ -222,22 +222,24 @@ class TrainStep:
         return self._traces
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any,
-                 width: int | None = None) -> tuple[TrainState, dict]:
+                 width: int | None = None, *, lr_scale: float = 1.0) -> tuple[TrainState, dict]:
         """One update. ``state`` is donated: use only the returned one. Metrics are scalars.
 
         ``width`` (default: the batch's stored length) is the static length of the rows after removal;
         it must hold every row's post-removal length (:func:`icot_jax.removal.post_removal_lengths`).
+        ``lr_scale`` multiplies this update (so the learning rate, weight decay included): an input like
+        ``n_remove``, so a decaying LR (``train.lr_decay``) never recompiles; 1.0 changes no bit.
         """
         batch, n_remove = _select(batch, n_remove)
         width = _checked_width(batch, width)
-        state, metrics = self._train(state, batch, n_remove, width)
+        state, metrics = self._train(state, batch, n_remove, np.float32(lr_scale), width)
         return state, {**metrics, "train_step_compiles": self.compiles, "batch_width": width}
 
     def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> jax.stages.Lowered:
         """Lower the train step for these (possibly abstract, ``jax.ShapeDtypeStruct``) arguments, e.g.
         to compile ahead of time for a TPU topology and read ``compile().memory_analysis()``."""
         batch, n_remove = _select(batch, n_remove)
-        return self._train.lower(state, batch, n_remove, _checked_width(batch, width))
+        return self._train.lower(state, batch, n_remove, np.float32(1.0), _checked_width(batch, width))
 
     def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> dict:
         """Teacher-forced sums for one batch, no dropout, no update: ``loss_sum``, ``n_correct``,
@@ -251,7 +253,8 @@ class TrainStep:
 
     # -- traced functions ------------------------------------------------------------------------------
 
-    def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array, width: int) -> tuple[TrainState, dict]:
+    def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array, lr_scale: jax.Array,
+                    width: int) -> tuple[TrainState, dict]:
         self._traces += 1  # Python side effect: runs once per trace, never per call
         inputs, stats = prepare_inputs(self.config, batch, n_remove, width)
         if self.config.random_position_shift:
@@ -261,6 +264,7 @@ class TrainStep:
         inv_tokens = 1.0 / jnp.maximum(n_tokens, 1).astype(jnp.float32)
         grads, loss_sum, n_correct = self._accumulate_gradients(state, inputs, inv_tokens)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)  # x * 1.0 == x: bit-exact
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum * inv_tokens, "token_accuracy": n_correct * inv_tokens,
                    "n_target_tokens": n_tokens, "grad_norm": optax.tree.norm(grads), **stats}
@@ -302,6 +306,13 @@ class TrainStep:
 
     def _reset_optimizer(self, state: TrainState) -> TrainState:
         return state.replace(opt_state=self.optimizer.init(state.params))
+
+
+def _replicated(batch_sharding: Any) -> Any:
+    """A scalar input's sharding on the batches' mesh: whole on every device (``None`` without a mesh)."""
+    if isinstance(batch_sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return None
 
 
 POSITION_SHIFT_STREAM = 0x5F3759DF
