@@ -76,9 +76,13 @@ def test_defaults_need_a_model_and_data():
 
 
 def test_demo_is_the_documented_2x2_recipe():
-    """README and docs/RESULTS.md quote the demo as configs/cpu/mult_2x2_tiny_icot.yaml under another name."""
-    recipe = load_config(REPO / "configs" / "cpu" / "mult_2x2_tiny_icot.yaml")
+    """README and docs/RESULTS.md quote the demo as configs/cpu/mult_2x2_tiny_icot_adaptive_decay.yaml under
+    another name, and as the adaptive 2x2 recipe with the LR decay switched on."""
+    recipe = load_config(REPO / "configs" / "cpu" / "mult_2x2_tiny_icot_adaptive_decay.yaml")
     assert dataclasses.replace(load_config(DEMO), name=recipe.name) == recipe
+    adaptive = load_config(REPO / "configs" / "cpu" / "mult_2x2_tiny_icot_adaptive.yaml")
+    decayed = dataclasses.replace(adaptive.train, lr_decay="after_removal")
+    assert dataclasses.replace(adaptive, name=recipe.name, train=decayed) == recipe
 
 
 def test_config_error_is_the_user_error_type():

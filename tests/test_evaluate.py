@@ -219,7 +219,7 @@ def test_eval_command_on_a_training_run(tmp_path, capsys):
     from icot_jax.loop.training import train
 
     overrides = ["train.epochs=1", "train.pretrain_epochs=0", "data.generate_train=320", "data.generate_valid=40",
-                 "train.remove_per_epoch=4", "eval.every_epochs=1", f"run_dir={tmp_path / 'run'}"]
+                 "train.remove_per_epoch=4", "train.schedule=fixed", "eval.every_epochs=1", f"run_dir={tmp_path / 'run'}"]
     summary = train(load_config(DEMO_CONFIG, overrides), progress=False)
     last = summary["last_eval"]
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -21,13 +21,15 @@ from icot_jax.loop.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A tiny from-scratch run: 2x2 multiplication, 6 epochs of 8 batches, a checkpoint every 4 batches.
+# A tiny from-scratch run: 2x2 multiplication, 6 epochs of 8 batches, a checkpoint every 4 batches, the
+# fixed schedule and a constant LR (the demo's recipe has the adaptive one and a decay).
 TINY = [
     "model.overrides={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 32, n_inner: 64}",
     "data.generate_digits=2", "data.generate_train=64", "data.generate_valid=0",
     "data.max_length=32", "train.batch_size=8", "train.epochs=6", "train.pretrain_epochs=1",
     "train.lr=1e-3", "train.remove_per_epoch=4", "checkpoint.every_steps=4", "checkpoint.keep=3",
     "log_every_steps=1", "eval.every_epochs=1", "train.warmup_steps=0", "train.keep_position=false",
+    "train.schedule=fixed", "train.lr_decay=none",
 ]
 # TINY with the adaptive schedule, advancing from the first batch (no pretraining) every 3 to 6 batches,
 # so that every checkpoint holds a schedule state that has moved, and the LR decaying once no CoT is left
@@ -274,7 +276,7 @@ def test_adaptive_run_logs_each_advance_and_compiles_once_per_width(uninterrupte
         earlier = [a for a in advances if a["step"] < record["step"]]
         assert record["scheduled_to_remove"] == (earlier[-1]["scheduled_to"] if earlier else 0)
         assert record["reset_optimizer"] == (bool(earlier) and earlier[-1]["step"] == record["step"] - 1)
-    widths = {r["batch_width"] for r in train_records}
+    widths = {(r["batch_width"], r["lr_scale"] < 1) for r in train_records}  # the LR decay compiles each once more
     summary = json.loads((uninterrupted_adaptive / "summary.json").read_text())
     assert summary["train_step_compiles"] == len(widths) == train_records[-1]["train_step_compiles"]
     assert (uninterrupted_adaptive / "curriculum.png").exists()

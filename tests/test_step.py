@@ -314,8 +314,9 @@ def test_random_position_shift_moves_whole_rows_within_bounds():
 
 
 def test_lr_scale_scales_the_update_without_recompiling():
-    """``lr_scale`` multiplies the whole update (weight decay included): 1.0 changes no bit, 0.5 halves
-    it, 0 leaves the parameters as they were while the optimizer state still moves; one compilation."""
+    """``lr_scale`` multiplies the whole update (weight decay included): 1.0 runs the unscaled program
+    (no bit changes), 0.5 halves the update, 0 leaves the parameters as they were while the optimizer
+    state still moves; every scale but 1.0 shares one more compilation."""
     optimizer = make_optimizer(1e-2, weight_decay=0.1)
     step = TrainStep(fresh(tiny_gpt2(), optimizer)[0], optimizer, StepConfig(pad_id=EOS))
     batch = make_batch(np.random.default_rng(3), 4, 24)
@@ -328,7 +329,7 @@ def test_lr_scale_scales_the_update_without_recompiling():
         return before, host(state.params), host(state.opt_state)
 
     before, default, default_opt = update()
-    for scale in (1.0, 0.5, 0.0):
+    for scale in (1.0, 0.5, 0.0, 0.25):
         _, after, opt = update(scale)
         for b, d, a in zip(jax.tree.leaves(before), jax.tree.leaves(default), jax.tree.leaves(after)):
             if scale == 1.0:
@@ -337,4 +338,4 @@ def test_lr_scale_scales_the_update_without_recompiling():
                 np.testing.assert_allclose(a - b, scale * (d - b), rtol=1e-5, atol=1e-7)
         for d, o in zip(jax.tree.leaves(default_opt), jax.tree.leaves(opt)):
             np.testing.assert_array_equal(d, o)  # the moments do not depend on the scale
-    assert step.compiles == 1
+    assert step.compiles == 2

@@ -211,7 +211,7 @@ class TrainStep:
         self._traces = 0
         data = (state_sharding, batch_sharding, batch_sharding, _replicated(batch_sharding))
         self._train = jax.jit(self._train_step, in_shardings=data, out_shardings=(state_sharding, None),
-                              donate_argnums=0, static_argnums=4)
+                              donate_argnums=0, static_argnums=(4, 5))
         self.eval_step = EvalStep(graphdef, config, state_sharding=state_sharding, batch_sharding=batch_sharding)
         self._reset = jax.jit(self._reset_optimizer, in_shardings=(state_sharding,),
                               out_shardings=state_sharding, donate_argnums=0)
@@ -227,19 +227,22 @@ class TrainStep:
 
         ``width`` (default: the batch's stored length) is the static length of the rows after removal;
         it must hold every row's post-removal length (:func:`icot_jax.removal.post_removal_lengths`).
-        ``lr_scale`` multiplies this update (so the learning rate, weight decay included): an input like
-        ``n_remove``, so a decaying LR (``train.lr_decay``) never recompiles; 1.0 changes no bit.
+        ``lr_scale`` multiplies this update (so the learning rate, weight decay included). At exactly 1.0
+        the step runs the program without the multiply (even ``u * 1.0`` changes how XLA fuses the update,
+        and so its last bits); any other value runs, per width, one program in which the scale is an input
+        like ``n_remove``: a decaying LR (``train.lr_decay``) compiles each width at most once more, when
+        the decay starts, and a run is bit-identical to one without the decay until then.
         """
         batch, n_remove = _select(batch, n_remove)
         width = _checked_width(batch, width)
-        state, metrics = self._train(state, batch, n_remove, np.float32(lr_scale), width)
+        state, metrics = self._train(state, batch, n_remove, np.float32(lr_scale), width, lr_scale != 1.0)
         return state, {**metrics, "train_step_compiles": self.compiles, "batch_width": width}
 
     def lower(self, state: Any, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> jax.stages.Lowered:
         """Lower the train step for these (possibly abstract, ``jax.ShapeDtypeStruct``) arguments, e.g.
         to compile ahead of time for a TPU topology and read ``compile().memory_analysis()``."""
         batch, n_remove = _select(batch, n_remove)
-        return self._train.lower(state, batch, n_remove, np.float32(1.0), _checked_width(batch, width))
+        return self._train.lower(state, batch, n_remove, np.float32(1.0), _checked_width(batch, width), False)
 
     def evaluate(self, state: TrainState, batch: Mapping[str, Any], n_remove: Any, width: int | None = None) -> dict:
         """Teacher-forced sums for one batch, no dropout, no update: ``loss_sum``, ``n_correct``,
@@ -254,7 +257,7 @@ class TrainStep:
     # -- traced functions ------------------------------------------------------------------------------
 
     def _train_step(self, state: TrainState, batch: dict, n_remove: jax.Array, lr_scale: jax.Array,
-                    width: int) -> tuple[TrainState, dict]:
+                    width: int, scaled: bool) -> tuple[TrainState, dict]:
         self._traces += 1  # Python side effect: runs once per trace, never per call
         inputs, stats = prepare_inputs(self.config, batch, n_remove, width)
         if self.config.random_position_shift:
@@ -264,7 +267,8 @@ class TrainStep:
         inv_tokens = 1.0 / jnp.maximum(n_tokens, 1).astype(jnp.float32)
         grads, loss_sum, n_correct = self._accumulate_gradients(state, inputs, inv_tokens)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)  # x * 1.0 == x: bit-exact
+        if scaled:
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum * inv_tokens, "token_accuracy": n_correct * inv_tokens,
                    "n_target_tokens": n_tokens, "grad_norm": optax.tree.norm(grads), **stats}
