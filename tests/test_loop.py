@@ -134,6 +134,11 @@ def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
     records = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
     steps = [r["step"] for r in records if "schedule_advance" not in r]
     assert steps == sorted(set(steps)) == list(range(1, 49)), "metrics.jsonl must read as one run"
+    # The run's clock continues from the checkpoint: logged times never go back, the total counts both pieces.
+    elapsed = [r["elapsed_s"] for r in records if "schedule_advance" not in r]
+    assert elapsed == sorted(elapsed)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["seconds"] > summary["seconds_this_piece"] > 0
     # The adaptive schedule took the same decisions, from the same accuracies, before and after the kill.
     assert _advances(run_dir) == _advances(uninterrupted)
     assert (len(_advances(run_dir)) > 3) == (schedule == "adaptive")

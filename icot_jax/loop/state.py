@@ -30,6 +30,9 @@ class LoopState:
     """Batches not trained on because they were longer than ``train.max_len_train`` after removal."""
     adaptive: AdaptiveState | None = None
     """The adaptive schedule's state after the last batch (``train.schedule: adaptive``; else ``None``)."""
+    seconds: float = 0.0
+    """The run's training time (wall seconds, evaluations included) up to this state: a resumed run's
+    clock continues from its checkpoint's, so a run trained in pieces reports its total."""
     lr_decay_from: int | None = None
     """``train.lr_decay: after_removal``: the first batch whose scheduled count removed every CoT token
     (the LR decays from there, :func:`lr_scale`); ``None`` until then or without a decay."""

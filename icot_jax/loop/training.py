@@ -139,6 +139,7 @@ class TrainingRun:
         self._open_outputs(progress)
         self.evaluators = self._evaluators()
         self.start, self.last_plan, self.stopped = time.time(), None, False
+        self.seconds_before = self.loop.seconds  # the earlier pieces' training time (0 for a new run)
         session.start(self.loop.step)
 
     def _resume(self) -> None:
@@ -242,7 +243,7 @@ class TrainingRun:
         self._write({"step": self.loop.step, "epoch": tick.epoch, "scheduled_to_remove": scheduled,
                      "remove_all": schedule.remove_all, "reset_optimizer": tick.plan.reset_optimizer,
                      **tick.metrics, "skipped_batches": self.loop.skipped_batches, **self._lr_record(),
-                     "elapsed_s": time.time() - self.start})
+                     "elapsed_s": self._seconds()})
         self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
                              remove="all" if schedule.remove_all else scheduled)
 
@@ -270,6 +271,7 @@ class TrainingRun:
             self.loop, new_best = self.loop.evaluated(record["val_accuracy"])
             if new_best:
                 record.update(self._save_best(record))
+            record["elapsed_s"] = self._seconds()  # so the accuracy can be read against training time
             self._write(record)
             self.bar.write(f"step {self.loop.step}: val_accuracy {record['val_accuracy']:.4f}")
         self.summary["last_eval"] = record
@@ -307,7 +309,8 @@ class TrainingRun:
     def save_checkpoint(self) -> None:
         """Save the full state and the loop state (parameters checked finite first); push small files."""
         self.guard.check_params(self.state.params, self.loop.step)
-        self.checkpoints.save(self.loop.step, self.state, self.loop.to_meta())
+        saved = dataclasses.replace(self.loop, seconds=self._seconds())
+        self.checkpoints.save(self.loop.step, self.state, saved.to_meta())
         self.guard.saved(self.loop.step)
         if self.writer:
             self.run.push()  # metrics and other small files follow the checkpoints to the bucket
@@ -319,6 +322,10 @@ class TrainingRun:
         self.bar.write(f"{signal_name}: saved step {self.loop.step} to {self.run.url}; resume with "
                        f"`icot train --resume {self.run.url}`")
         self.stopped = True
+
+    def _seconds(self) -> float:
+        """The run's training time so far: earlier pieces (up to the checkpoint this one resumed) and this one."""
+        return self.seconds_before + time.time() - self.start
 
     def _write(self, record: dict) -> None:
         if self.log is not None:
@@ -341,7 +348,7 @@ class TrainingRun:
         self.summary.update(steps=loop.step, best_accuracy=loop.best_accuracy, best_step=loop.best_step,
                             train_step_compiles=self.step_fn.compiles, length_buckets=list(self.widths.buckets),
                             expected_padding=self.widths.padding, skipped_batches=loop.skipped_batches,
-                            seconds=time.time() - self.start,
+                            seconds=self._seconds(), seconds_this_piece=time.time() - self.start,
                             final_remove_all=bool(plan and plan.schedule.remove_all), diverged=diverged is not None)
         if diverged is not None:
             self.summary.update(diverged_at_step=diverged.step, last_good_step=diverged.good_step)
