@@ -1,6 +1,7 @@
 """Summarise training runs as a Markdown table (the source of the tables in docs/RESULTS.md).
 
     python bench/summarize_runs.py runs/results/mult_3x3_tiny_{icot,explicit,no_cot}
+    python bench/summarize_runs.py --timeline 10 runs/4x4   # count and exact match every 10 training minutes
 
 For each run directory: the mode, steps, training wall time (``summary.json``), CoT tokens left per
 example at the last logged step, validation exact match at the last evaluation and at the best one
@@ -90,6 +91,40 @@ def print_removals(run: Path) -> None:
             print(f"  {mean:.0f} steps per removed token (counts {spans[1][0]}-{spans[-1][0]})")
 
 
+def timeline(run_dir: Path, every_minutes: float = 0.0) -> list[dict]:
+    """Where a run stood at each evaluation: training minutes (``elapsed_s``, summed over resumed pieces),
+    step, the scheduled count and mean CoT tokens left at the last logged batch before it, validation exact
+    match and generated tokens per example. With ``every_minutes``, an evaluation is kept only once that
+    many minutes have passed since the last one kept (the last evaluation is always kept)."""
+    rows, train = [], None
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        if "loss" in record:
+            train = record
+        elif "val_accuracy" in record and train is not None:
+            seconds = record.get("elapsed_s")  # runs logged before the run clock have none
+            rows.append({"minutes": None if seconds is None else seconds / 60, "step": record["step"],
+                         "scheduled": "all" if train["remove_all"] else train["scheduled_to_remove"],
+                         "cot_left": train["mean_cot_left"], "val_accuracy": record["val_accuracy"],
+                         "generated_tokens": record.get("val_mean_generated_tokens")})
+    if every_minutes <= 0 or not rows:
+        return rows
+    kept = [rows[0]]
+    for row in rows[1:-1]:
+        if row["minutes"] is None or kept[-1]["minutes"] is None or row["minutes"] - kept[-1]["minutes"] >= every_minutes:
+            kept.append(row)
+    return kept + rows[-1:] if len(rows) > 1 else kept
+
+
+def print_timeline(run: Path, every_minutes: float) -> None:
+    """:func:`timeline` as a Markdown table."""
+    print(f"\n{run.name}: scheduled count and exact match over training time")
+    print("| train min | step | scheduled count | CoT tokens left | val exact match | generated tokens |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in timeline(run, every_minutes):
+        print(f"| {_fmt(r['minutes'], '.1f')} | {r['step']} | {r['scheduled']} | {r['cot_left']:.1f} "
+              f"| {r['val_accuracy']:.3f} | {_fmt(r['generated_tokens'], '.1f')} |")
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -103,6 +138,9 @@ def main() -> None:
     parser.add_argument("--removals", action="store_true",
                         help="also print each run's token accuracy just before/after every schedule advance "
                              "and the steps spent at each scheduled count")
+    parser.add_argument("--timeline", type=float, metavar="MINUTES", nargs="?", const=0.0,
+                        help="also print each run's scheduled count and exact match at its evaluations over training "
+                             "time, at most one row per MINUTES (default: every evaluation)")
     args = parser.parse_args()
     rows = [summarize(run) for run in args.runs]
     if args.plot:
@@ -121,6 +159,9 @@ def main() -> None:
     if args.removals:
         for run in args.runs:
             print_removals(run)
+    if args.timeline is not None:
+        for run in args.runs:
+            print_timeline(run, args.timeline)
     print(json.dumps(rows))
 
 

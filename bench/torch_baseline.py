@@ -206,40 +206,58 @@ def _adamw(params, train_config):
         return torch.optim.AdamW(params, **kwargs)
 
 
+class TorchTrainer:
+    """A fresh ``GPT2LMHeadModel`` (eager, float32) trained the reference's way, one planned batch at a time."""
+
+    def __init__(self, config: Config, tokenizer):
+        import torch
+        import transformers
+
+        check_supported(config)
+        self.train_config, self.pad_id = config.train, tokenizer.eos_token_id
+        torch.manual_seed(self.train_config.seed)
+        self.model = transformers.GPT2LMHeadModel(gpt2_config(config, tokenizer)).train()
+        self.params = list(self.model.parameters())
+        self.optimizer = _adamw(self.params, self.train_config)
+        self.resets = 0
+
+    def step(self, batch: PlannedBatch) -> tuple[float, Repadded]:
+        """One update on ``batch`` (a fresh AdamW first if its plan resets the optimizer); returns the loss
+        and the re-padded batch it trained on."""
+        import torch
+
+        t = self.train_config
+        if batch.plan.reset_optimizer:
+            self.optimizer = _adamw(self.params, t)
+            self.resets += 1
+        repadded = remove_and_repad(batch.input_ids, batch.seps, batch.plan.n_remove, batch.example_mask,
+                                    pad_id=self.pad_id, side=t.removal_side)
+        loss = self.model(input_ids=torch.from_numpy(repadded.input_ids),
+                          labels=torch.from_numpy(repadded.labels)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), repadded
+
+
 def train_torch(config: Config, batches: list[PlannedBatch], tokenizer) -> dict:
-    """Train a fresh ``GPT2LMHeadModel`` on ``batches`` (eager, float32); return timings, tokens and losses.
+    """Train a fresh :class:`TorchTrainer` on ``batches``; return timings, tokens and losses.
 
     Raises if a re-padded batch's real tokens differ from the plan's count (what our side counts).
     """
-    import torch
-    import transformers
-
-    check_supported(config)
-    t = config.train
-    torch.manual_seed(t.seed)
-    model = transformers.GPT2LMHeadModel(gpt2_config(config, tokenizer)).train()
-    params = list(model.parameters())
-    optimizer = _adamw(params, t)
-    times, losses, resets = [], [], 0
+    trainer = TorchTrainer(config, tokenizer)
+    times, losses = [], []
     for index, batch in enumerate(batches):
         start = time.perf_counter()
-        if batch.plan.reset_optimizer:
-            optimizer = _adamw(params, t)
-            resets += 1
-        repadded = remove_and_repad(batch.input_ids, batch.seps, batch.plan.n_remove, batch.example_mask,
-                                    pad_id=tokenizer.eos_token_id, side=t.removal_side)
-        loss = model(input_ids=torch.from_numpy(repadded.input_ids), labels=torch.from_numpy(repadded.labels)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        loss, repadded = trainer.step(batch)
+        losses.append(loss)
         times.append(time.perf_counter() - start)
         if int(repadded.lengths.sum()) != batch.real_tokens:
             raise RuntimeError(f"step {index}: the re-padded torch batch holds {repadded.lengths.sum()} real tokens, "
                                f"the plan {batch.real_tokens}")
     return {"times": times, "loss_first_step": losses[0], "loss_last_step": losses[-1],
-            "optimizer_resets": resets, "warmup_s": times[0]}
+            "optimizer_resets": trainer.resets, "warmup_s": times[0]}
 
 
 def summarize(times: list[float], batches: list[PlannedBatch], timed_steps: list[int]) -> dict:

@@ -1,14 +1,12 @@
 """The PyTorch baseline (bench/torch_baseline.py): its host-side removal matches ours, and it trains on our plan."""
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import bench_module
 from icot_jax.config import from_dict
 from icot_jax.data.multiplication import make_example
 from icot_jax.data.tokenize import encode_examples
@@ -17,18 +15,12 @@ from icot_jax.removal import REMOVE_ALL, post_removal_lengths, remove_cot
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def baseline():
-    """bench/torch_baseline.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("torch_baseline", REPO / "bench" / "torch_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    """bench/torch_baseline.py as a module."""
+    with bench_module("torch_baseline") as module:
+        yield module
 
 
 def test_rows_are_cut_at_their_own_last_eos(baseline):
