@@ -14,6 +14,11 @@ model set the pace. After pretraining, the scheduled count advances
   after pretraining has no removal to recover from and only waits ``min_steps`` and a full window;
 * **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not.
 
+The accuracy is ``train.adaptive_signal``: the token accuracy over every target (the default), or over
+the answer's targets alone (``answer_token_accuracy``). The answer is a small share of the targets, and
+the CoT tokens still left are predicted as well as before a removal, so the first can look recovered long
+before exact match is (measured on 3x3: docs/RESULTS.md); the second follows exact match more closely.
+
 A recovery that is already complete at the first check (the first time both conditions can be judged)
 advances by twice the tokens of the last advance, up to ``max_tokens_per_advance``; any other advance
 removes one token. The count stops at the longest CoT of the training set (nothing is left to remove),

@@ -307,8 +307,10 @@ def build_state(config: Config, tokenizer: Any, setup: sharding.Setup, optimizer
 def step_config(config: Config, pad_id: int) -> StepConfig:
     """The :class:`~icot_jax.train.step.StepConfig` of ``config.train`` (``pad_id``: the tokenizer's EOS)."""
     t = config.train
+    answer_metrics = t.schedule == "adaptive" and t.adaptive_signal == "answer_token_accuracy"
     return StepConfig(pad_id=pad_id, side=t.removal_side, keep_position=t.keep_position,
-                      accumulate_steps=t.accumulate_steps, random_position_shift=t.random_position_shift)
+                      accumulate_steps=t.accumulate_steps, random_position_shift=t.random_position_shift,
+                      answer_metrics=answer_metrics)
 
 
 def build_step(config: Config, graphdef: nnx.GraphDef, state: TrainState, setup: sharding.Setup, *,

@@ -45,6 +45,8 @@ Remat = Literal["none", "full", "dots"]
 """``mesh.remat``: no rematerialisation, recompute each block, or save only matmul outputs."""
 ScheduleKind = Literal["fixed", "adaptive"]
 """``train.schedule``: Δ tokens per epoch (the reference), or advance once the model has recovered."""
+AdaptiveSignal = Literal["token_accuracy", "answer_token_accuracy"]
+"""``train.adaptive_signal``: the training metric the adaptive schedule judges recovery on."""
 LrDecay = Literal["none", "after_removal"]
 """``train.lr_decay``: a constant LR (the reference), or a linear decay once no CoT is left to remove."""
 
@@ -134,6 +136,10 @@ class TrainConfig:
     """Steps at each count after which it advances, recovered or not."""
     adaptive_max_tokens_per_advance: int = 1
     """Tokens one advance may remove: an immediate recovery doubles the last advance, up to this."""
+    adaptive_signal: AdaptiveSignal = "token_accuracy"
+    """What recovery is judged on: ``token_accuracy`` (every target: CoT and answer) or
+    ``answer_token_accuracy`` (the answer's targets alone, closer to exact match; the train step then
+    also computes it)."""
     lr_decay: LrDecay = "none"
     """``none``: the LR stays constant (the reference). ``after_removal``: from the first batch whose
     scheduled count removes every CoT token (all of them in ``no_cot`` mode), the LR falls linearly to

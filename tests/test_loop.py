@@ -298,3 +298,17 @@ def test_lr_decays_linearly_from_the_first_batch_without_cot(uninterrupted_adapt
     np.testing.assert_allclose([r["lr_scale"] for r in train_records], expected)
     assert expected[-1] == 1 / (total - start)
     assert all("lr_scale" not in r for r in map(json.loads, (uninterrupted / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_adaptive_schedule_can_follow_the_answer_alone(tmp_path):
+    """``train.adaptive_signal: answer_token_accuracy``: the step logs the answer's token accuracy and each
+    advance is judged on the running mean of it, not of the accuracy over every target."""
+    run_dir = _full_run(tmp_path, *ADAPTIVE, "train.adaptive_signal=answer_token_accuracy", "train.epochs=3")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = {r["step"]: r for r in records if "loss" in r}
+    assert all("answer_token_accuracy" in r for r in train_records.values())
+    recovered = [a for a in _advances(run_dir) if a["schedule_advance"] == "recovered" and a["scheduled_from"] > 0]
+    assert recovered, "the tiny run must advance on a recovery at least once"
+    for advance in recovered:  # window 2, every batch logged: the advance's batch and the one before
+        window = [train_records[advance["step"] - k] for k in (1, 0)]
+        assert advance["accuracy_mean"] == pytest.approx(np.mean([r["answer_token_accuracy"] for r in window]))

@@ -339,3 +339,31 @@ def test_lr_scale_scales_the_update_without_recompiling():
         for d, o in zip(jax.tree.leaves(default_opt), jax.tree.leaves(opt)):
             np.testing.assert_array_equal(d, o)  # the moments do not depend on the scale
     assert step.compiles == 2
+
+
+def test_answer_token_accuracy_counts_the_answer_targets_alone():
+    """``answer_metrics``: the token accuracy over the answer and its EOS, as physically shortened rows give
+    it; the same in the train step (pre-update, accumulated over micro-batches) and in the evaluation step."""
+    rng = np.random.default_rng(11)
+    model = tiny_gpt2()
+    batch, n_remove = make_batch(rng, 6, 24, filler=2), np.array([0, 1, 3, REMOVE_ALL, 2, 0, 0, 0], np.int32)
+    forward = jax.jit(lambda ids: model(ids, jnp.arange(ids.shape[1])[None], jnp.ones(ids.shape, bool)))
+    correct = total = 0
+    for tokens, (q_end, cot_end, last), n, real in zip(batch["input_ids"], batch["seps"], n_remove,
+                                                       batch["example_mask"]):
+        if not real:
+            continue
+        kept = np.concatenate([tokens[:q_end + 1], tokens[min(q_end + 1 + n, cot_end):last + 1]])
+        predicted = np.asarray(forward(kept[None])[0]).argmax(-1)
+        answer_start = q_end + 1 + max(cot_end - q_end - 1 - n, 0) + 1  # the first token after the second EOS
+        correct += sum(predicted[j - 1] == kept[j] for j in range(answer_start, len(kept)))
+        total += len(kept) - answer_start
+
+    graphdef, state = fresh(model, make_optimizer(1e-3))
+    plain = TrainStep(graphdef, make_optimizer(1e-3), StepConfig(pad_id=EOS))
+    assert "answer_token_accuracy" not in plain.evaluate(state, batch, n_remove)
+    step = TrainStep(graphdef, make_optimizer(1e-3), StepConfig(pad_id=EOS, answer_metrics=True, accumulate_steps=2))
+    evaluated = host(step.evaluate(state, batch, n_remove))
+    _, trained = step(state, batch, n_remove)  # donates the state (and the model's arrays): last
+    assert evaluated["answer_token_accuracy"] == pytest.approx(correct / total)
+    assert float(trained["answer_token_accuracy"]) == pytest.approx(correct / total)

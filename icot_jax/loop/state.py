@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from icot_jax.adaptive import AdaptiveState
-from icot_jax.removal import StepPlan
+from icot_jax.removal import ScheduleState, StepPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,14 @@ class LoopState:
         return dataclasses.replace(self, step=self.step + 1, prev_cot_left=plan.cot_left,
                                    best_reset=self.best_reset or plan.resets_best,
                                    skipped_batches=self.skipped_batches + int(plan.skip))
+
+    def decaying(self, schedule: ScheduleState, max_cot: int) -> LoopState:
+        """The state with :attr:`lr_decay_from` set to this batch (:attr:`step`) if it is the first one whose
+        scheduled count removes every CoT token (``max_cot``: the longest training CoT), unchanged otherwise."""
+        no_cot = not schedule.pretraining and (schedule.remove_all or schedule.scheduled_to_remove >= max_cot)
+        if self.lr_decay_from is not None or not no_cot:
+            return self
+        return dataclasses.replace(self, lr_decay_from=self.step)
 
     def evaluated(self, accuracy: float) -> tuple[LoopState, bool]:
         """``(state, new_best)`` after an evaluation at :attr:`step` scored ``accuracy``."""

@@ -113,6 +113,8 @@ class Tick:
     """The step's metrics (device scalars until read); ``None`` for a skipped batch."""
     epoch: int
     end_of_epoch: bool
+    lr_scale: float | None = None
+    """The batch's LR multiplier with ``train.lr_decay`` (``None`` without a decay or for a skipped batch)."""
 
 
 class TrainingRun:
@@ -175,23 +177,24 @@ class TrainingRun:
                                     prev_cot_left=self.loop.prev_cot_left, scheduled=scheduled)
         if plan.reset_optimizer:
             self.state = self.step_fn.reset_optimizer(self.state)
-        metrics = None
+        metrics, scale = None, None
         if not plan.skip:
+            scale = self._lr_scale(plan.schedule)
             width = self.widths.width(plan.batch_length)
             self.state, metrics = self.step_fn(self.state, *self.setup.put(batch, n_remove), width,
-                                               lr_scale=self._lr_scale(plan.schedule))
+                                               lr_scale=1.0 if scale is None else scale)
         self.loop, self.last_plan = self.loop.after(plan), plan
-        tick = Tick(plan, metrics, epoch, end_of_epoch=self.loop.step % self.loader.steps_per_epoch == 0)
+        tick = Tick(plan, metrics, epoch, end_of_epoch=self.loop.step % self.loader.steps_per_epoch == 0,
+                    lr_scale=scale)
         self.after_batch(tick)
 
-    def _lr_scale(self, schedule: ScheduleState) -> float:
-        """``train.lr_decay: after_removal``: the decay starts at the first batch scheduled to remove every
-        CoT token (kept in the loop state, so a resumed run decays from the same batch)."""
+    def _lr_scale(self, schedule: ScheduleState) -> float | None:
+        """``train.lr_decay: after_removal``: this batch's LR multiplier (``None`` without a decay). The decay
+        starts at the first batch scheduled to remove every CoT token; the loop state keeps that batch, so a
+        resumed run decays from the same one."""
         if self.config.train.lr_decay == "none":
-            return 1.0
-        no_cot = not schedule.pretraining and (schedule.remove_all or schedule.scheduled_to_remove >= self.max_cot)
-        if self.loop.lr_decay_from is None and no_cot:
-            self.loop = dataclasses.replace(self.loop, lr_decay_from=self.loop.step)
+            return None
+        self.loop = self.loop.decaying(schedule, self.max_cot)
         return lr_scale(self.loop.step, self.loop.lr_decay_from, self.total)
 
     def after_batch(self, tick: Tick) -> None:
@@ -242,21 +245,17 @@ class TrainingRun:
         scheduled = self.max_cot if schedule.remove_all else int(schedule.scheduled_to_remove)
         self._write({"step": self.loop.step, "epoch": tick.epoch, "scheduled_to_remove": scheduled,
                      "remove_all": schedule.remove_all, "reset_optimizer": tick.plan.reset_optimizer,
-                     **tick.metrics, "skipped_batches": self.loop.skipped_batches, **self._lr_record(),
+                     **tick.metrics, "skipped_batches": self.loop.skipped_batches,
+                     **({} if tick.lr_scale is None else {"lr_scale": tick.lr_scale}),
                      "elapsed_s": self._seconds()})
         self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
                              remove="all" if schedule.remove_all else scheduled)
 
-    def _lr_record(self) -> dict:
-        """The logged batch's LR multiplier (only with ``train.lr_decay``, so other runs log what they did)."""
-        if self.config.train.lr_decay == "none":
-            return {}
-        return {"lr_scale": lr_scale(self.loop.step - 1, self.loop.lr_decay_from, self.total)}
-
     def advance_schedule(self, tick: Tick) -> None:
-        """The adaptive schedule decides the next batch's count from this batch's token accuracy when it was
-        logged (read already: no extra device round trip); an advance gets its own ``metrics.jsonl`` line."""
-        seen = tick.metrics["token_accuracy"] if self._log_due(tick) else None
+        """The adaptive schedule decides the next batch's count from this batch's ``train.adaptive_signal``
+        (token accuracy, or that of the answer alone) when it was logged (read already: no extra device round
+        trip); an advance gets its own ``metrics.jsonl`` line."""
+        seen = tick.metrics[self.config.train.adaptive_signal] if self._log_due(tick) else None
         before = self.loop.adaptive
         self.loop = dataclasses.replace(self.loop, adaptive=self.rule.observe(before, self.loop.step - 1, seen))
         record = adaptive.advance_record(before, self.loop.adaptive)

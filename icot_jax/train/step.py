@@ -110,17 +110,24 @@ def model_from_state(graphdef: nnx.GraphDef, state: TrainState, *, copy: bool = 
     return nnx.merge(graphdef, params, rest)
 
 
-def token_stats(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and correct predictions over target positions (float32).
+def token_stats(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                answer_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Summed next-token cross-entropy (``loss_sum``) and correct predictions (``n_correct``) over target
+    positions (float32); with ``answer_mask``, also the correct predictions among the targets it marks
+    (``answer_correct``) and their number (``answer_tokens``).
 
     ``logits[:, j]`` predicts ``input_ids[:, j + 1]``, which counts where ``loss_mask[:, j + 1]``.
     """
     logits = logits[:, :-1].astype(jnp.float32)
     targets, mask = input_ids[:, 1:], loss_mask[:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    loss_sum = jnp.sum(jnp.where(mask, ce, 0.0))
-    n_correct = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == targets)).astype(jnp.float32)
-    return loss_sum, n_correct
+    correct = mask & (jnp.argmax(logits, axis=-1) == targets)
+    sums = {"loss_sum": jnp.sum(jnp.where(mask, ce, 0.0)), "n_correct": jnp.sum(correct).astype(jnp.float32)}
+    if answer_mask is not None:
+        answer = mask & answer_mask[:, 1:]
+        sums.update(answer_correct=jnp.sum(correct & answer).astype(jnp.float32),
+                    answer_tokens=jnp.sum(answer).astype(jnp.float32))
+    return sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +146,10 @@ class StepConfig:
     per example from (rng, step), to every position id, so that a model cannot tie what it computes to
     absolute positions. Evaluation and generation start at position 0, as without it. The position table
     must hold ``max_length + random_position_shift`` positions."""
+    answer_metrics: bool = False
+    """Also return ``answer_token_accuracy``: the token accuracy over the answer's targets alone (after the
+    second EOS), closer to exact match than the accuracy over every target; the adaptive schedule can follow
+    it (``train.adaptive_signal``). Off by default, so other runs compile exactly the program they did."""
 
 
 def prepare_inputs(config: StepConfig, batch: dict, n_remove: jax.Array, width: int) -> tuple[dict, dict]:
@@ -149,6 +160,8 @@ def prepare_inputs(config: StepConfig, batch: dict, n_remove: jax.Array, width: 
     real = batch["example_mask"]
     inputs = {"input_ids": removed.input_ids, "position_ids": removed.position_ids,
               "attention_mask": removed.attention_mask, "loss_mask": removed.loss_mask & real[:, None]}
+    if config.answer_metrics:  # the answer and its EOS: every target after the second separator
+        inputs["answer_mask"] = jnp.arange(width)[None, :] > removed.seps[:, 1:2]
     n_real = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
     cot_left = jnp.maximum(removed.seps[:, 1] - removed.seps[:, 0] - 1, 0)
     stats = {"mean_removed": jnp.sum(jnp.where(real, removed.n_removed, 0)) / n_real,
@@ -157,11 +170,18 @@ def prepare_inputs(config: StepConfig, batch: dict, n_remove: jax.Array, width: 
 
 
 def model_token_stats(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, inputs: dict,
-                      dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                      dropout_key: jax.Array | None) -> dict[str, jax.Array]:
     """:func:`token_stats` of the model ``(graphdef, params, rest)`` on prepared ``inputs``."""
     model = nnx.merge(graphdef, params, rest)
     logits = model(inputs["input_ids"], inputs["position_ids"], inputs["attention_mask"], dropout_key=dropout_key)
-    return token_stats(logits, inputs["input_ids"], inputs["loss_mask"])
+    return token_stats(logits, inputs["input_ids"], inputs["loss_mask"], inputs.get("answer_mask"))
+
+
+def answer_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``answer_token_accuracy`` from :func:`token_stats`'s answer sums (none without them)."""
+    if "answer_tokens" not in sums:
+        return {}
+    return {"answer_token_accuracy": sums["answer_correct"] / jnp.maximum(sums["answer_tokens"], 1.0)}
 
 
 class EvalStep:
@@ -188,11 +208,13 @@ class EvalStep:
 
     def _eval_step(self, params: nnx.State, rest: nnx.State, batch: dict, n_remove: jax.Array, width: int) -> dict:
         inputs, stats = prepare_inputs(self.config, batch, n_remove, width)
-        loss_sum, n_correct = model_token_stats(self.graphdef, params, rest, inputs, None)
+        sums = model_token_stats(self.graphdef, params, rest, inputs, None)
+        loss_sum, n_correct = sums["loss_sum"], sums["n_correct"]
         n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
         denominator = jnp.maximum(n_tokens, 1).astype(jnp.float32)
         return {"loss_sum": loss_sum, "n_correct": n_correct, "n_target_tokens": n_tokens,
-                "loss": loss_sum / denominator, "token_accuracy": n_correct / denominator, **stats}
+                "loss": loss_sum / denominator, "token_accuracy": n_correct / denominator, **stats,
+                **answer_metrics(sums)}
 
 
 class TrainStep:
@@ -265,18 +287,19 @@ class TrainStep:
                                                      jax.random.fold_in(state.rng, state.step))
         n_tokens = jnp.sum(inputs["loss_mask"][:, 1:])
         inv_tokens = 1.0 / jnp.maximum(n_tokens, 1).astype(jnp.float32)
-        grads, loss_sum, n_correct = self._accumulate_gradients(state, inputs, inv_tokens)
+        grads, sums = self._accumulate_gradients(state, inputs, inv_tokens)
+        loss_sum, n_correct = sums["loss_sum"], sums["n_correct"]
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         if scaled:
             updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum * inv_tokens, "token_accuracy": n_correct * inv_tokens,
-                   "n_target_tokens": n_tokens, "grad_norm": optax.tree.norm(grads), **stats}
+                   "n_target_tokens": n_tokens, "grad_norm": optax.tree.norm(grads), **stats, **answer_metrics(sums)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _accumulate_gradients(self, state: TrainState, inputs: dict, inv_tokens: jax.Array):
         """Gradient of the batch's token-mean loss, ``accumulate_steps`` micro-batches at a time (``lax.scan``);
-        also the summed loss and correct predictions."""
+        also :func:`token_stats`'s sums over the whole batch."""
         steps = self.config.accumulate_steps
         step_key = jax.random.fold_in(state.rng, state.step)
 
@@ -285,8 +308,8 @@ class TrainStep:
             # whole batch, so the micro-batch gradients add up to exactly the gradient of the full batch's
             # token-mean loss, however unevenly the targets fall into micro-batches. (Averaging per-micro
             # means, or the reference's update after the first micro-batch alone, would not.)
-            loss_sum, n_correct = model_token_stats(self.graphdef, params, state.rest, micro_batch, key)
-            return loss_sum * inv_tokens, (loss_sum, n_correct)
+            sums = model_token_stats(self.graphdef, params, state.rest, micro_batch, key)
+            return sums["loss_sum"] * inv_tokens, sums
 
         def accumulate(grads, indexed_micro_batch):
             index, micro_batch = indexed_micro_batch
@@ -305,8 +328,8 @@ class TrainStep:
         # would add 4 bytes per parameter to a pure-bf16 run).
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         micro_batches = (jnp.arange(steps), jax.tree.map(split, inputs))
-        grads, (loss_sums, n_correct) = jax.lax.scan(accumulate, zeros, micro_batches)
-        return grads, jnp.sum(loss_sums), jnp.sum(n_correct)
+        grads, sums = jax.lax.scan(accumulate, zeros, micro_batches)
+        return grads, jax.tree.map(jnp.sum, sums)
 
     def _reset_optimizer(self, state: TrainState) -> TrainState:
         return state.replace(opt_state=self.optimizer.init(state.params))
