@@ -135,7 +135,7 @@ def profile_jax(config: Config, warmup: int, steps: int, trace_dir: Path) -> dic
                 raise SystemExit(f"batch {index} is longer than train.max_len_train after removal: profile a "
                                  f"setting whose batches all train (the loop would skip this one)")
             width = widths.width(plan.batch_length)
-            used.append(plan.batch_length)
+            used.append(width)
             if width not in texts:  # the program of this width, as the step compiles it (names match the trace)
                 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
                 texts[width] = step.lower(abstract, batch, plan.n_remove, width).compile().as_text()
@@ -150,10 +150,9 @@ def profile_jax(config: Config, warmup: int, steps: int, trace_dir: Path) -> dic
     for text in texts.values():
         kinds.update(xla_kinds(text))
     module = re.search(r"^HloModule ([\w.\-]+)", next(iter(texts.values())), re.M).group(1)
-    profiled_widths = [widths.width(w) for w in used[warmup + steps:]]
     return {"step_ms": 1000 * statistics.median(times[warmup:warmup + steps]),
             "profiled_ms": xla_profile_ms(trace_dir, kinds, module, steps), "widths": sorted(texts),
-            "tokens": config.train.batch_size * statistics.median(profiled_widths), "products": products}
+            "tokens": config.train.batch_size * statistics.median(used[warmup + steps:]), "products": products}
 
 
 def dense_products(hf_config) -> list[tuple[int, int]]:
