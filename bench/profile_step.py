@@ -50,6 +50,7 @@ from icot_jax.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 import torch_baseline  # noqa: E402
+import train_throughput  # noqa: E402
 
 KINDS = ("matmul", "copy", "other")
 KIND_LABELS = {"matmul": "matrix multiplies", "copy": "copies and transposes", "other": "everything else"}
@@ -118,38 +119,29 @@ def xla_profile_ms(trace_dir: Path, kinds: dict[str, str], module: str, steps: i
 
 def profile_jax(config: Config, warmup: int, steps: int, trace_dir: Path) -> dict:
     """Our train step: ``warmup`` steps, ``steps`` timed, ``steps`` profiled; figures per step."""
+    texts = {}
+
+    def before_step(index, state, batch, plan, width):
+        if index == warmup + steps:
+            jax.profiler.start_trace(str(trace_dir))
+        if width not in texts:  # the program of this width, as the step compiles it (names match the trace)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            texts[width] = step.lower(abstract, batch, plan.n_remove, width).compile().as_text()
+
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(config, Path(run_dir))
-        step, state, curriculum, loader, widths = (trainer.step, trainer.state, trainer.curriculum, trainer.loader,
-                                                   trainer.widths)
-        products = dense_products(trainer.hf_config)
-        del trainer  # the step donates the state: keep no other reference
-        texts, times, used, prev_cot_left = {}, [], [], True
-        for index in range(warmup + 2 * steps):
-            if index == warmup + steps:
-                jax.profiler.start_trace(str(trace_dir))
-            batch = loader.batch(*divmod(index, loader.steps_per_epoch))
-            plan = curriculum.plan(index, batch["seps"], batch["example_mask"], prev_cot_left=prev_cot_left)
-            prev_cot_left = plan.cot_left
-            if plan.skip:
-                raise SystemExit(f"batch {index} is longer than train.max_len_train after removal: profile a "
-                                 f"setting whose batches all train (the loop would skip this one)")
-            width = widths.width(plan.batch_length)
-            used.append(width)
-            if width not in texts:  # the program of this width, as the step compiles it (names match the trace)
-                abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-                texts[width] = step.lower(abstract, batch, plan.n_remove, width).compile().as_text()
-            start = time.perf_counter()
-            if plan.reset_optimizer:
-                state = step.reset_optimizer(state)
-            state, metrics = step(state, batch, plan.n_remove, width)
-            jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - start)
+        step, products = trainer.step, dense_products(trainer.hf_config)
+        record = train_throughput.time_steps(trainer, warmup + 2 * steps, before_step)
+        del trainer
         jax.profiler.stop_trace()
+    if record.skipped:
+        raise SystemExit(f"{record.skipped} batch(es) longer than train.max_len_train after removal: profile a "
+                         f"setting whose batches all train (the loop would skip them)")
     kinds = {}
     for text in texts.values():
         kinds.update(xla_kinds(text))
     module = re.search(r"^HloModule ([\w.\-]+)", next(iter(texts.values())), re.M).group(1)
+    times, used = record.column("seconds"), record.column("width")
     return {"step_ms": 1000 * statistics.median(times[warmup:warmup + steps]),
             "profiled_ms": xla_profile_ms(trace_dir, kinds, module, steps), "widths": sorted(texts),
             "tokens": config.train.batch_size * statistics.median(used[warmup + steps:]), "products": products}

@@ -29,6 +29,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -73,7 +74,8 @@ class StepRecord:
     """What :func:`time_steps` measured: one row per trained batch (skipped batches only counted)."""
 
     rows: list[dict] = dataclasses.field(default_factory=list)
-    """``index``, ``seconds``, ``first_call`` (it compiled), ``loss``, ``examples``, ``tokens``, ``flops``."""
+    """``index``, ``width``, ``seconds``, ``first_call`` (it compiled), ``loss``, ``examples``, ``tokens``,
+    ``flops``."""
     resets: int = 0
     skipped: int = 0
 
@@ -81,8 +83,12 @@ class StepRecord:
         return np.array([row[key] for row in self.rows])
 
 
-def time_steps(trainer, total: int) -> StepRecord:
-    """Run ``total`` batches of ``trainer`` as the loop does (plan, reset, skip, width) and time each step."""
+def time_steps(trainer, total: int, before_step: Callable | None = None) -> StepRecord:
+    """Run ``total`` batches of ``trainer`` as the loop does (plan, reset, skip, width) and time each step.
+
+    ``before_step(index, state, batch, plan, width)``, when given, runs before each trained batch, outside
+    the timed span (``bench/profile_step.py`` starts its trace and reads each width's program there).
+    """
     step, state, curriculum, loader, widths = (trainer.step, trainer.state, trainer.curriculum, trainer.loader,
                                                trainer.widths)
     model_config = nnx.merge(trainer.graphdef, state.params, state.rest).config
@@ -98,6 +104,8 @@ def time_steps(trainer, total: int) -> StepRecord:
             record.skipped += 1
             continue
         width = widths.width(plan.batch_length)
+        if before_step is not None:
+            before_step(index, state, batch, plan, width)
         compiles = step.compiles
         start = time.perf_counter()
         if plan.reset_optimizer:
@@ -108,7 +116,7 @@ def time_steps(trainer, total: int) -> StepRecord:
         seconds = time.perf_counter() - start
         real = batch["example_mask"]
         tokens = int(post_removal_lengths(batch["seps"][real], plan.n_remove[real]).sum())
-        record.rows.append({"index": index, "seconds": seconds, "first_call": step.compiles > compiles,
+        record.rows.append({"index": index, "width": width, "seconds": seconds, "first_call": step.compiles > compiles,
                             "loss": float(metrics["loss"]), "examples": int(real.sum()), "tokens": tokens,
                             "flops": tokens * flops_per_token(n_params, model_config, width)})
     return record

@@ -139,6 +139,8 @@ def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
     assert elapsed == sorted(elapsed)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["seconds"] > summary["seconds_this_piece"] > 0
+    # Both pieces compiled their widths: the summary counts this piece's and, apart, every piece's.
+    assert summary["train_step_compiles_all_pieces"] > summary["train_step_compiles"] >= 1
     # The adaptive schedule took the same decisions, from the same accuracies, before and after the kill.
     assert _advances(run_dir) == _advances(uninterrupted)
     assert (len(_advances(run_dir)) > 3) == (schedule == "adaptive")
@@ -172,6 +174,7 @@ def test_metrics_fields_and_outputs(uninterrupted):
     assert [r["train_step_compiles"] for r in records] == [len(set(widths[:i + 1])) for i in range(len(widths))]
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["train_step_compiles"] == len(set(widths)) <= len(summary["length_buckets"]) <= 8
+    assert summary["train_step_compiles_all_pieces"] == summary["train_step_compiles"]  # one piece
     assert set(widths) <= set(summary["length_buckets"]) and summary["skipped_batches"] == 0
     assert records[0]["scheduled_to_remove"] == 0 and records[-1]["scheduled_to_remove"] > 0
     for name in ("config.yaml", "curriculum.png", "summary.json", "tokenizer", "model", "tensorboard"):

@@ -33,6 +33,9 @@ class LoopState:
     seconds: float = 0.0
     """The run's training time (wall seconds, evaluations included) up to this state: a resumed run's
     clock continues from its checkpoint's, so a run trained in pieces reports its total."""
+    compiles: int = 0
+    """Train-step compilations over every piece of the run up to this state (each piece compiles its
+    widths afresh, so a resumed run's total exceeds the number of widths it used)."""
     lr_decay_from: int | None = None
     """``train.lr_decay: after_removal``: the first batch whose scheduled count removed every CoT token
     (the LR decays from there, :func:`lr_scale`); ``None`` until then or without a decay."""

@@ -141,7 +141,7 @@ class TrainingRun:
         self._open_outputs(progress)
         self.evaluators = self._evaluators()
         self.start, self.last_plan, self.stopped = time.time(), None, False
-        self.seconds_before = self.loop.seconds  # the earlier pieces' training time (0 for a new run)
+        self.loop_before = self.loop  # the earlier pieces' training time and compilations (0 for a new run)
         session.start(self.loop.step)
 
     def _resume(self) -> None:
@@ -308,7 +308,7 @@ class TrainingRun:
     def save_checkpoint(self) -> None:
         """Save the full state and the loop state (parameters checked finite first); push small files."""
         self.guard.check_params(self.state.params, self.loop.step)
-        saved = dataclasses.replace(self.loop, seconds=self._seconds())
+        saved = dataclasses.replace(self.loop, seconds=self._seconds(), compiles=self._compiles())
         self.checkpoints.save(self.loop.step, self.state, saved.to_meta())
         self.guard.saved(self.loop.step)
         if self.writer:
@@ -324,7 +324,11 @@ class TrainingRun:
 
     def _seconds(self) -> float:
         """The run's training time so far: earlier pieces (up to the checkpoint this one resumed) and this one."""
-        return self.seconds_before + time.time() - self.start
+        return self.loop_before.seconds + time.time() - self.start
+
+    def _compiles(self) -> int:
+        """Train-step compilations so far: earlier pieces' (up to the checkpoint resumed) and this one's."""
+        return self.loop_before.compiles + self.step_fn.compiles
 
     def _write(self, record: dict) -> None:
         if self.log is not None:
@@ -345,7 +349,8 @@ class TrainingRun:
         """Write ``summary.json`` and ``curriculum.png`` (process 0) and return the summary."""
         plan, loop = self.last_plan, self.loop
         self.summary.update(steps=loop.step, best_accuracy=loop.best_accuracy, best_step=loop.best_step,
-                            train_step_compiles=self.step_fn.compiles, length_buckets=list(self.widths.buckets),
+                            train_step_compiles=self.step_fn.compiles,
+                            train_step_compiles_all_pieces=self._compiles(), length_buckets=list(self.widths.buckets),
                             expected_padding=self.widths.padding, skipped_batches=loop.skipped_batches,
                             seconds=self._seconds(), seconds_this_piece=time.time() - self.start,
                             final_remove_all=bool(plan and plan.schedule.remove_all), diverged=diverged is not None)
