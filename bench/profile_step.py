@@ -133,10 +133,10 @@ def profile_jax(config: Config, warmup: int, steps: int, trace_dir: Path) -> dic
         step, products = trainer.step, dense_products(trainer.hf_config)
         record = train_throughput.time_steps(trainer, warmup + 2 * steps, before_step)
         del trainer
+        if record.skipped:  # checked first: a skipped batch can be the one the trace was to start at
+            raise SystemExit(f"{record.skipped} batch(es) longer than train.max_len_train after removal: profile "
+                             f"a setting whose batches all train (the loop would skip them)")
         jax.profiler.stop_trace()
-    if record.skipped:
-        raise SystemExit(f"{record.skipped} batch(es) longer than train.max_len_train after removal: profile a "
-                         f"setting whose batches all train (the loop would skip them)")
     kinds = {}
     for text in texts.values():
         kinds.update(xla_kinds(text))
