@@ -14,10 +14,14 @@ model set the pace. After pretraining, the scheduled count advances
   after pretraining has no removal to recover from and only waits ``min_steps`` and a full window;
 * **max_steps**: at the latest after ``max_steps`` batches at the current count, recovered or not.
 
-The accuracy is ``train.adaptive_signal``: the token accuracy over every target (the default), or over
-the answer's targets alone (``answer_token_accuracy``). The answer is a small share of the targets, and
-the CoT tokens still left are predicted as well as before a removal, so the first can look recovered long
-before exact match is (measured on 3x3: docs/RESULTS.md); the second follows exact match more closely.
+The accuracy is ``train.adaptive_signal``: the token accuracy over every target (the default), over
+the answer's targets alone (``answer_token_accuracy``), or the validation exact match (``val_accuracy``).
+The answer is a small share of the targets, and the CoT tokens still left are predicted as well as before
+a removal, so the first can look recovered long before exact match is (measured on 3x3: docs/RESULTS.md).
+The second is no better there: while CoT is left the answer can be read off it, so its accuracy barely
+drops at a removal. Only generation with the removed tokens absent shows what the model has internalized:
+``val_accuracy`` is the exact match of greedy decoding on the validation split at the current count, read
+at each evaluation (``eval.every_steps`` sets how often; the window then counts evaluations).
 
 A recovery that is already complete at the first check (the first time both conditions can be judged)
 advances by twice the tokens of the last advance, up to ``max_tokens_per_advance``; any other advance
@@ -25,10 +29,11 @@ removes one token. The count stops at the longest CoT of the training set (nothi
 and ``remove_all_when_remove_beyond`` and pretraining act on it as they do on the fixed count.
 
 Everything here runs on the host and is pure: :meth:`AdaptiveRule.observe` maps (state, batch index,
-token accuracy or ``None``) to the next state, so a run that saves the state with its checkpoint
+a reading of the signal or ``None``) to the next state, so a run that saves the state with its checkpoint
 (:meth:`AdaptiveState.to_json`) resumes with exactly the decisions of an uninterrupted one. The loop
-passes the token accuracy only at the batches whose metrics it reads anyway (every ``log_every_steps``),
-so the rule never adds a device synchronisation. The per-example counts still reach the one compiled
+passes a training metric only at the batches whose metrics it reads anyway (every ``log_every_steps``),
+and the validation exact match only after the evaluations the run makes anyway, so the rule never adds a
+device synchronisation. The per-example counts still reach the one compiled
 train step as data (:meth:`icot_jax.removal.Curriculum.plan` with ``scheduled=``).
 """
 
@@ -125,8 +130,9 @@ class AdaptiveRule:
         return state.scheduled >= ceiling
 
     def observe(self, state: AdaptiveState, step: int, token_accuracy: float | None) -> AdaptiveState:
-        """The state after batch ``step``: ``token_accuracy`` is its training token accuracy when the loop
-        read its metrics, else ``None`` (unread, or the batch was skipped)."""
+        """The state after batch ``step``: ``token_accuracy`` is the signal's reading after it (its training
+        token accuracy when the loop read its metrics, or the validation exact match of an evaluation
+        after it), else ``None`` (nothing read, or the batch was skipped)."""
         if step < state.since or self.finished(state):
             return state
         recent = state.recent if token_accuracy is None else (*state.recent, float(token_accuracy))[-self.window:]

@@ -45,8 +45,9 @@ Remat = Literal["none", "full", "dots"]
 """``mesh.remat``: no rematerialisation, recompute each block, or save only matmul outputs."""
 ScheduleKind = Literal["fixed", "adaptive"]
 """``train.schedule``: Δ tokens per epoch (the reference), or advance once the model has recovered."""
-AdaptiveSignal = Literal["token_accuracy", "answer_token_accuracy"]
-"""``train.adaptive_signal``: the training metric the adaptive schedule judges recovery on."""
+AdaptiveSignal = Literal["token_accuracy", "answer_token_accuracy", "val_accuracy"]
+"""``train.adaptive_signal``: the metric the adaptive schedule judges recovery on (two training metrics, or
+validation exact match)."""
 LrDecay = Literal["none", "after_removal"]
 """``train.lr_decay``: a constant LR (the reference), or a linear decay once no CoT is left to remove."""
 
@@ -127,7 +128,8 @@ class TrainConfig:
     token accuracy has recovered from the last removal (``icot_jax.adaptive``, docs/method.md); Δ then only
     guides the choice of output widths. The ``adaptive_*`` keys are its parameters."""
     adaptive_window: int = 4
-    """Running mean of the token accuracy over this many logged batches (``log_every_steps`` apart)."""
+    """Running mean of the signal over this many readings: logged batches (``log_every_steps`` apart), or
+    evaluations for ``val_accuracy``."""
     adaptive_recovery: float = 0.98
     """Recovered: that mean reaches this fraction of the best level it had just before any removal."""
     adaptive_min_steps: int = 200
@@ -139,7 +141,8 @@ class TrainConfig:
     adaptive_signal: AdaptiveSignal = "token_accuracy"
     """What recovery is judged on: ``token_accuracy`` (every target: CoT and answer) or
     ``answer_token_accuracy`` (the answer's targets alone, closer to exact match; the train step then
-    also computes it)."""
+    also computes it), or ``val_accuracy``: validation exact match by greedy generation with the current
+    count removed, read at each evaluation (set ``eval.every_steps``; needs a validation split)."""
     lr_decay: LrDecay = "none"
     """``none``: the LR stays constant (the reference). ``after_removal``: from the first batch whose
     scheduled count removes every CoT token (all of them in ``no_cot`` mode), the LR falls linearly to
@@ -352,7 +355,13 @@ def adaptive_problem(window: int, recovery: float, min_steps: int, max_steps: in
     return next(((name, expected) for name, ok, expected in checks if not ok), None)
 
 
-def _check_adaptive(train: TrainConfig, where: str) -> None:
+def _check_adaptive(config: Config, where: str) -> None:
+    train = config.train
+    d = config.data
+    has_valid = bool(d.valid or (d.generate_digits and not d.train and d.generate_valid))  # as build_data reads it
+    if train.schedule == "adaptive" and train.adaptive_signal == "val_accuracy" and not has_valid:
+        raise ConfigError(f"{where}: key 'train.adaptive_signal' is 'val_accuracy' but the run has no validation "
+                          "split: set 'data.valid' (a file) or 'data.generate_valid' (> 0)")
     problem = adaptive_problem(train.adaptive_window, train.adaptive_recovery, train.adaptive_min_steps,
                                train.adaptive_max_steps, train.adaptive_max_tokens_per_advance)
     if problem is not None:
@@ -394,7 +403,7 @@ def validate(config: Config, where: str = "config") -> Config:
         raise ConfigError(f"{where}: key 'train.remove_per_epoch' must be > 0")
     if config.train.removal_smoothing_lambda <= 0:
         raise ConfigError(f"{where}: key 'train.removal_smoothing_lambda' must be > 0 (use .inf to disable)")
-    _check_adaptive(config.train, where)
+    _check_adaptive(config, where)
     if not (config.model.hf or config.model.from_scratch):
         raise ConfigError(f"{where}: set 'model.hf' (a checkpoint) or 'model.from_scratch: true'")
     if not (config.data.train or config.data.generate_digits):

@@ -150,6 +150,15 @@ def test_bad_parameters_are_refused_when_the_config_loads(tmp_path):
         load_config(DEMO_CONFIG, ["train.schedule=adaptive", "train.adaptive_recovery=1.5"])
     with pytest.raises(ConfigError, match=r"'train.schedule' is 'sometimes'"):
         load_config(DEMO_CONFIG, ["train.schedule=sometimes"])
+    # Validation exact match needs a validation split; a run without one is refused before it trains.
+    with pytest.raises(ConfigError, match=r"key 'train.adaptive_signal' is 'val_accuracy' but the run has no "
+                                          r"validation split: set 'data.valid' .* or 'data.generate_valid'"):
+        load_config(DEMO_CONFIG, ["train.schedule=adaptive", "train.adaptive_signal=val_accuracy",
+                                  "data.generate_valid=0"])
+    assert load_config(DEMO_CONFIG, ["train.schedule=adaptive", "train.adaptive_signal=val_accuracy"])
+    # The fixed schedule never reads the signal: no split is needed for it.
+    assert load_config(DEMO_CONFIG, ["train.adaptive_signal=val_accuracy", "data.generate_valid=0",
+                                     "train.schedule=fixed"])
 
 
 def test_config_selects_the_rule():

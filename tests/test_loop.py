@@ -105,14 +105,24 @@ def uninterrupted_adaptive(tmp_path_factory) -> Path:
     return _full_run(tmp_path_factory.mktemp("full_adaptive"), *ADAPTIVE)
 
 
+# ADAPTIVE judged on the validation exact match of an evaluation every 2 batches.
+ADAPTIVE_VAL = [*ADAPTIVE, "train.adaptive_signal=val_accuracy", "data.generate_valid=16", "eval.every_steps=2",
+                "eval.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_adaptive_val(tmp_path_factory) -> Path:
+    return _full_run(tmp_path_factory.mktemp("full_adaptive_val"), *ADAPTIVE_VAL)
+
+
 def _advances(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "schedule_advance" in r]
 
 
-@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive", "adaptive_val"])
 def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
-    uninterrupted = request.getfixturevalue("uninterrupted" if schedule == "fixed" else "uninterrupted_adaptive")
-    overrides = ADAPTIVE if schedule == "adaptive" else []
+    uninterrupted = request.getfixturevalue("uninterrupted" if schedule == "fixed" else f"uninterrupted_{schedule}")
+    overrides = {"fixed": [], "adaptive": ADAPTIVE, "adaptive_val": ADAPTIVE_VAL}[schedule]
     run_dir = tmp_path / "run"
     proc = _cli("train", str(DEMO_CONFIG), *TINY, *overrides, f"run_dir={run_dir}")
     _wait_for_checkpoint(run_dir, proc)
@@ -132,10 +142,10 @@ def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
     for a, b in zip(full, again):
         np.testing.assert_array_equal(a, b)
     records = list(map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
-    steps = [r["step"] for r in records if "schedule_advance" not in r]
+    steps = [r["step"] for r in records if "loss" in r]  # one record per batch (evaluations have their own)
     assert steps == sorted(set(steps)) == list(range(1, 49)), "metrics.jsonl must read as one run"
     # The run's clock continues from the checkpoint: logged times never go back, the total counts both pieces.
-    elapsed = [r["elapsed_s"] for r in records if "schedule_advance" not in r]
+    elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
     assert elapsed == sorted(elapsed)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["seconds"] > summary["seconds_this_piece"] > 0
@@ -143,7 +153,7 @@ def test_sigkill_then_resume_is_bit_identical(schedule, request, tmp_path):
     assert summary["train_step_compiles_all_pieces"] > summary["train_step_compiles"] >= 1
     # The adaptive schedule took the same decisions, from the same accuracies, before and after the kill.
     assert _advances(run_dir) == _advances(uninterrupted)
-    assert (len(_advances(run_dir)) > 3) == (schedule == "adaptive")
+    assert (len(_advances(run_dir)) > 3) == (schedule != "fixed")
     # TensorBoard too: the killed run's unflushed points are not lost, its points after the checkpoint
     # are not doubled.
     assert sorted(_tensorboard_steps(run_dir / "tensorboard", "loss")) == steps
@@ -315,3 +325,20 @@ def test_adaptive_schedule_can_follow_the_answer_alone(tmp_path):
     for advance in recovered:  # window 2, every batch logged: the advance's batch and the one before
         window = [train_records[advance["step"] - k] for k in (1, 0)]
         assert advance["accuracy_mean"] == pytest.approx(np.mean([r["answer_token_accuracy"] for r in window]))
+
+
+def test_adaptive_schedule_can_follow_validation_exact_match(uninterrupted_adaptive_val):
+    """``train.adaptive_signal: val_accuracy``: the rule reads the validation exact match of the evaluations
+    (every 2 batches here), decides right after them, and the mean it records is that of the last two."""
+    run_dir = uninterrupted_adaptive_val
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["val_accuracy"] for r in records if "val_accuracy" in r}
+    assert sorted(evals) == list(range(2, 49, 2))
+    advances = _advances(run_dir)
+    recovered = [a for a in advances if a["schedule_advance"] == "recovered" and a["scheduled_from"] > 0]
+    assert recovered, "the tiny run must advance on a recovery at least once"
+    for advance in recovered:  # window 2: the evaluation after the advance's batch and the one before
+        assert advance["step"] in evals
+        assert advance["accuracy_mean"] == pytest.approx(np.mean([evals[advance["step"] - k] for k in (2, 0)]))
+    # Without a reading between evaluations, only max_steps may advance the count off an evaluation step.
+    assert all(a["schedule_advance"] == "max_steps" for a in advances if a["step"] not in evals)

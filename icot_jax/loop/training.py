@@ -198,15 +198,15 @@ class TrainingRun:
         return lr_scale(self.loop.step, self.loop.lr_decay_from, self.total)
 
     def after_batch(self, tick: Tick) -> None:
-        """The periodic actions, in order: read and check the metrics, log, evaluate, checkpoint, stop."""
+        """The periodic actions, in order: read and check the metrics, log, evaluate, advance the adaptive
+        schedule (after the evaluation, which it may read), checkpoint, stop."""
         tick = self._checked(tick)
         if self._log_due(tick):
             self.log_step(tick)
-        if self.rule is not None:
-            self.advance_schedule(tick)
         self.bar.update(1)
-        if self._eval_due(tick):
-            self.evaluate(tick)
+        evaluation = self.evaluate(tick) if self._eval_due(tick) else None
+        if self.rule is not None:
+            self.advance_schedule(tick, evaluation)
         if self._checkpoint_due(tick):
             self.save_checkpoint()
         if self.preemption.requested:
@@ -251,19 +251,25 @@ class TrainingRun:
         self.bar.set_postfix(loss=f"{tick.metrics['loss']:.3f}", acc=f"{tick.metrics['token_accuracy']:.3f}",
                              remove="all" if schedule.remove_all else scheduled)
 
-    def advance_schedule(self, tick: Tick) -> None:
-        """The adaptive schedule decides the next batch's count from this batch's ``train.adaptive_signal``
-        (token accuracy, or that of the answer alone) when it was logged (read already: no extra device round
-        trip); an advance gets its own ``metrics.jsonl`` line."""
-        seen = tick.metrics[self.config.train.adaptive_signal] if self._log_due(tick) else None
+    def advance_schedule(self, tick: Tick, evaluation: dict | None) -> None:
+        """The adaptive schedule decides the next batch's count from this batch's ``train.adaptive_signal``:
+        a training metric (token accuracy, or that of the answer alone) when it was logged (read already: no
+        extra device round trip), or the validation exact match when this batch was followed by an
+        evaluation (``evaluation``: its record, else ``None``); an advance gets its own ``metrics.jsonl`` line."""
+        signal = self.config.train.adaptive_signal
+        if signal == "val_accuracy":
+            seen = evaluation.get("val_accuracy") if evaluation else None
+        else:
+            seen = tick.metrics[signal] if self._log_due(tick) else None
         before = self.loop.adaptive
         self.loop = dataclasses.replace(self.loop, adaptive=self.rule.observe(before, self.loop.step - 1, seen))
         record = adaptive.advance_record(before, self.loop.adaptive)
         if record is not None:
             self._write(record)
 
-    def evaluate(self, tick: Tick) -> None:
-        """Validation after the batch: teacher forcing, generation, the best-checkpoint rule."""
+    def evaluate(self, tick: Tick) -> dict:
+        """Validation after the batch: teacher forcing, generation, the best-checkpoint rule; returns the
+        record it logged (``{step, epoch}`` alone without a validation split)."""
         record: dict = {"step": self.loop.step, "epoch": tick.plan.schedule.epoch}
         if self.data.valid is not None:
             record.update(self._validation())
@@ -274,6 +280,7 @@ class TrainingRun:
             self._write(record)
             self.bar.write(f"step {self.loop.step}: val_accuracy {record['val_accuracy']:.4f}")
         self.summary["last_eval"] = record
+        return record
 
     def _validation(self) -> dict:
         """Teacher-forced and generation metrics on the validation split, with the curriculum of the last batch."""
