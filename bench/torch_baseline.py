@@ -44,6 +44,8 @@ Fairness choices:
 * Initialisations differ (torch's GPT-2 init vs ours), so losses match only roughly; both start near
   ``ln(vocabulary)`` (printed). Our losses are printed when ``train_throughput.py``'s JSON line carries
   ``loss_first_step`` and ``loss_last_step``, else "not reported".
+* Then the same steps by our output width (pooled over the repeats): each side's median step and the
+  ratio of their summed times, so a gap can be placed (narrow steps once the CoT is gone, or wide ones).
 
 The final line is one JSON object with every figure.
 """
@@ -332,6 +334,33 @@ def medians(ours_runs: list[dict], torch_runs: list[dict]) -> dict:
     }
 
 
+def by_width(widths: list[int], jax_ms: list[float], torch_ms: list[float]) -> list[dict]:
+    """Both sides' times on the same steps grouped by our output width: steps, each side's median step and
+    the jax/torch ratio of the group's summed times (its throughput ratio: both trained the same tokens).
+
+    Why: one epoch's ratio mixes steps of very different cost; per width it shows where a gap sits (e.g.
+    narrow steps after the CoT is gone against wide ones at full length).
+    """
+    if not len(widths) == len(jax_ms) == len(torch_ms):
+        raise ValueError(f"by_width needs one width and one time per side for each step, got {len(widths)}, "
+                         f"{len(jax_ms)} and {len(torch_ms)}")
+    groups: dict[int, tuple[list, list]] = {}
+    for width, ours, theirs in zip(widths, jax_ms, torch_ms):
+        jax_times, torch_times = groups.setdefault(int(width), ([], []))
+        jax_times.append(ours)
+        torch_times.append(theirs)
+    return [{"width": width, "steps": len(jax_times), "jax_median_step_ms": statistics.median(jax_times),
+             "torch_median_step_ms": statistics.median(torch_times), "ratio": sum(torch_times) / sum(jax_times)}
+            for width, (jax_times, torch_times) in sorted(groups.items())]
+
+
+def print_by_width(rows: list[dict]) -> None:
+    print("  by output width    steps   jax ms   torch ms   jax / torch   (median steps; ratio of summed times)")
+    for row in rows:
+        print(f"    {row['width']:>5}         {row['steps']:5d} {row['jax_median_step_ms']:8.1f} "
+              f"{row['torch_median_step_ms']:10.1f} {row['ratio']:13.2f}")
+
+
 def compare(config_path: Path, setting: str, overrides: list[str], steps: int | None, repeats: int) -> dict:
     """Alternate our side and the torch side ``repeats`` times on one setting; print and return medians."""
     overrides = [*SETTINGS[setting], *overrides]
@@ -343,16 +372,21 @@ def compare(config_path: Path, setting: str, overrides: list[str], steps: int | 
           f"tokens per example {batches[0].real_tokens / batches[0].examples:.1f} -> "
           f"{batches[-1].real_tokens / batches[-1].examples:.1f}, "
           f"CoT all gone from step {gone if gone is not None else '- (never)'}", flush=True)
-    ours_runs, torch_runs = [], []
+    ours_runs, torch_runs, widths, jax_ms, torch_ms = [], [], [], [], []
     for repeat in range(repeats):
         ours_runs.append(run_ours(config_path, overrides, steps))
         torch_side = train_torch(config, batches, tokenizer)
-        torch_runs.append(summarize(torch_side.pop("times"), batches, ours_runs[-1]["timed_steps"]) | torch_side)
+        times, timed = torch_side.pop("times"), ours_runs[-1]["timed_steps"]
+        torch_runs.append(summarize(times, batches, timed) | torch_side)
+        widths += ours_runs[-1]["timed_widths"]
+        jax_ms += ours_runs[-1]["timed_step_ms"]
+        torch_ms += [1000 * times[i] for i in timed]
         check_same_plan(ours_runs[-1], torch_runs[-1], setting)
         print(f"  repeat {repeat + 1}: jax {ours_runs[-1]['tokens_per_s']:.0f} tokens/s, "
               f"torch {torch_runs[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
-    result = medians(ours_runs, torch_runs)
+    result = medians(ours_runs, torch_runs) | {"by_width": by_width(widths, jax_ms, torch_ms)}
     print_result(result, repeats, vocab=len(tokenizer))
+    print_by_width(result["by_width"])
     return result
 
 

@@ -11,7 +11,8 @@ Each batch runs at the output width the training loop gives it (the smallest of 
 that holds the batch after removal), so a later schedule step costs less than an early one. Compile
 time is the sum over first calls at each width of their wall time minus the median of the others (a
 first call traces, compiles and runs once); throughput excludes those calls (the JSON line lists the
-steps it timed, ``timed_steps``, so that ``torch_baseline.py`` times the same ones). Tokens are the real tokens
+steps it timed, ``timed_steps``, with each one's output width and milliseconds, ``timed_widths`` and
+``timed_step_ms``, so that ``torch_baseline.py`` times the same ones and compares them width by width). Tokens are the real tokens
 after removal, reported per step and in total.
 
 Model FLOPs utilisation (MFU) uses the PaLM convention: a token costs ``6·N + 12·layers·d_model·S``
@@ -166,6 +167,8 @@ def report(config, record: StepRecord, compiles: int, widths, steps_per_epoch: i
         "optimizer_resets": record.resets,
         "epoch_s": float(steady.mean()) * steps_per_epoch,
         "timed_steps": record.column("index")[warm].tolist(),
+        "timed_widths": record.column("width")[warm].tolist(),
+        "timed_step_ms": (1000 * steady).tolist(),
         "loss_first_step": first["loss"],
         "loss_last_step": last["loss"],
         "mean_tokens_first_step": first["tokens"] / max(first["examples"], 1),

@@ -99,3 +99,13 @@ def test_unsupported_settings_are_refused_by_name(baseline, key, value):
     config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
     with pytest.raises(ValueError, match=key):
         baseline.check_supported(config)
+
+
+def test_steps_are_compared_width_by_width(baseline):
+    rows = baseline.by_width([24, 67, 24, 24], [10.0, 40.0, 12.0, 14.0], [11.0, 50.0, 12.0, 21.0])
+    assert [(r["width"], r["steps"]) for r in rows] == [(24, 3), (67, 1)]
+    assert rows[0]["jax_median_step_ms"] == 12.0 and rows[0]["torch_median_step_ms"] == 12.0
+    assert rows[0]["ratio"] == pytest.approx(44.0 / 36.0)  # summed torch time over summed jax time
+    assert rows[1]["ratio"] == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="one width and one time"):
+        baseline.by_width([24], [1.0, 2.0], [1.0, 2.0])
