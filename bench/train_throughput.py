@@ -12,8 +12,8 @@ that holds the batch after removal), so a later schedule step costs less than an
 time is the sum over first calls at each width of their wall time minus the median of the others (a
 first call traces, compiles and runs once); throughput excludes those calls (the JSON line lists the
 steps it timed, ``timed_steps``, with each one's output width and milliseconds, ``timed_widths`` and
-``timed_step_ms``, so that ``torch_baseline.py`` times the same ones and compares them width by width). Tokens are the real tokens
-after removal, reported per step and in total.
+``timed_step_ms``, so that ``torch_baseline.py`` times the same ones and compares them width by width).
+Tokens are the real tokens after removal, reported per step and in total.
 
 Model FLOPs utilisation (MFU) uses the PaLM convention: a token costs ``6·N + 12·layers·d_model·S``
 FLOPs (forward and backward; N = parameters without the position table, S = the batch's output
